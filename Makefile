@@ -1,0 +1,60 @@
+# Post-training pipeline for hybrid Mamba-Transformer models.
+#   make pipeline      every stage in order on the embedded default (profile tiny, CPU)
+#   make test          the test suite
+# Both create .venv from pyproject.toml on first use.
+#
+# Launch settings pass through to `accelerate launch`, e.g. a second node of a 2-node run:
+#   make sft-reasoning PROFILE=nemotron-h-8b NUM_MACHINES=2 MACHINE_RANK=1 NUM_PROCESSES=16 \
+#        MAIN_PROCESS_IP=10.0.0.1 MAIN_PROCESS_PORT=29500
+
+PROFILE ?= tiny
+CONFIG ?= pipeline.yaml
+ACCELERATE_CONFIG ?=
+NUM_PROCESSES ?=
+NUM_MACHINES ?=
+MACHINE_RANK ?=
+MAIN_PROCESS_IP ?=
+MAIN_PROCESS_PORT ?=
+PYTEST_ARGS ?=
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+LAUNCH = $(PY) -m stages.launch --config $(CONFIG) --profile $(PROFILE) \
+	--accelerate-config "$(ACCELERATE_CONFIG)" --num-processes "$(NUM_PROCESSES)" \
+	--num-machines "$(NUM_MACHINES)" --machine-rank "$(MACHINE_RANK)" \
+	--main-process-ip "$(MAIN_PROCESS_IP)" --main-process-port "$(MAIN_PROCESS_PORT)"
+
+.PHONY: setup pipeline sft-reasoning sft-chat test test-slow eval
+
+setup: $(STAMP)
+
+# torch is pinned to the CPU build where no CUDA driver is present; with one, pip picks a CUDA build.
+# bubblewrap is the code reward's sandbox; it is installed when the system's package manager allows.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch==2.13.0; fi
+	$(PY) -m pip install -q -e ".[test]"
+	@command -v bwrap >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
+		&& apt-get install -y -q bubblewrap >/dev/null; } \
+		|| echo "note: install bubblewrap (apt-get install bubblewrap) so the code reward can sandbox code"
+	touch $@
+
+pipeline: sft-reasoning sft-chat
+
+sft-reasoning: $(STAMP)
+	$(LAUNCH) sft_reasoning
+
+sft-chat: $(STAMP)
+	$(LAUNCH) sft_chat
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+# Evaluate any checkpoint on the held-out embedded tasks: make eval CHECKPOINT=runs/tiny/base
+eval: $(STAMP)
+	$(PY) -m stages eval --config $(CONFIG) --profile $(PROFILE) --checkpoint $(CHECKPOINT)

@@ -1,0 +1,55 @@
+"""Build or load a ``NemotronHForCausalLM`` and its tokenizer.
+
+The architecture is transformers' own; this module only picks a named layout (random weights, for the
+embedded default and for sizing) or loads a pretrained path or hub name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, NemotronHConfig, NemotronHForCausalLM
+
+from data_blends.chat import CHAT_TEMPLATE
+from model.configs import LAYOUTS, layout
+
+
+def build_config(name: str, tokenizer=None, **overrides) -> NemotronHConfig:
+    """A NemotronHConfig from a named layout; the tokenizer, when given, fixes vocabulary and special ids."""
+    kwargs = layout(name) | overrides
+    if tokenizer is not None:
+        kwargs.update(
+            vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+    return NemotronHConfig(**kwargs)
+
+
+def build_model(name: str, tokenizer=None, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """A randomly initialised model of a named layout (deterministic by seed)."""
+    torch.manual_seed(seed)
+    return NemotronHForCausalLM(build_config(name, tokenizer, **overrides)).to(dtype)
+
+
+def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32):
+    """Load pretrained weights from a local directory or a hub name."""
+    return AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype)
+
+
+def load_tokenizer(name_or_path: str | Path):
+    """Load a tokenizer; one without a chat template gets the project's reasoning-switch template."""
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def is_layout_name(name: str) -> bool:
+    return name in LAYOUTS
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

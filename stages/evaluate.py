@@ -1,0 +1,106 @@
+"""Held-out evaluation after each stage: the embedded test splits, scored by the verifiable rewards.
+
+Each source is answered greedily in each reasoning mode; the completion is scored with the same reward
+function GRPO trains on, so the eval and the training signal cannot drift apart. Metrics:
+``accuracy`` (math, science, code: share fully correct), ``pass_rate`` (instruction following),
+``refusal_rate`` on harmful prompts and ``over_refusal_rate`` on benign ones (safety), and the mean
+response length in tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from data_blends import generators
+from data_blends.chat import prompt_messages
+from rewards import get_reward
+from rewards.safety import is_refusal
+from stages.config import EvalSpec
+
+log = logging.getLogger("stages")
+
+ASSISTANT_START = "<|im_start|>assistant\n"
+
+
+@torch.no_grad()
+def generate_greedy(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int,
+                    desc: str = "generating") -> tuple[list[str], list[int]]:
+    """Greedy completions (text, number of tokens) for prompts, left-padded in batches."""
+    was_training, side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    texts, lengths = [], []
+    device = next(model.parameters()).device
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
+        batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True,
+                          add_special_tokens=False).to(device)
+        output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        for ids in output[:, batch["input_ids"].shape[1] :].tolist():
+            if tokenizer.eos_token_id in ids:
+                ids = ids[: ids.index(tokenizer.eos_token_id)]
+            texts.append(tokenizer.decode(ids, skip_special_tokens=False))
+            lengths.append(len(ids))
+    model.train(was_training)
+    tokenizer.padding_side = side
+    return texts, lengths
+
+
+def opened_reply(prompt: str) -> str:
+    """What the generation prompt already wrote of the reply (``<think>`` or ``<think></think>``)."""
+    return prompt.rsplit(ASSISTANT_START, 1)[-1] if ASSISTANT_START in prompt else ""
+
+
+def source_metrics(source: str, rows: list[dict], prompts: list[str], replies: list[str]) -> dict[str, float]:
+    """Score one source's replies with its reward and turn the scores into the source's metrics."""
+    columns = {key: [row[key] for row in rows] for key in ("gold", "tests", "constraints")}
+    scores = get_reward(source)(prompts=prompts, completions=replies, **columns)
+    scored = [s for s in scores if s is not None]
+    unscored = (len(scores) - len(scored)) / len(scores)
+    if source == "safety":
+        answers = [reply.rsplit("</think>", 1)[-1] for reply in replies]
+        harmful = [is_refusal(a) for a, row in zip(answers, rows) if row["gold"] == "refuse"]
+        benign = [is_refusal(a) for a, row in zip(answers, rows) if row["gold"] == "comply"]
+        return {"refusal_rate": sum(harmful) / max(len(harmful), 1),
+                "over_refusal_rate": sum(benign) / max(len(benign), 1)}
+    name = "pass_rate" if source == "ifeval" else "accuracy"
+    return {name: sum(s >= 1.0 for s in scored) / len(scores), "unscored": unscored}
+
+
+def evaluate(model: Any, tokenizer: Any, spec: EvalSpec) -> dict[str, Any]:
+    """Answer every held-out source in every mode; returns per-(source, mode) metrics and a flat summary."""
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for source in spec.sources:
+        rows = generators.generate(source, "test", spec.n_per_source, seed=spec.seed)
+        for mode in spec.modes:
+            think = mode == "think"
+            prompts = [tokenizer.apply_chat_template(prompt_messages(r, think), tokenize=False,
+                                                     add_generation_prompt=True) for r in rows]
+            texts, lengths = generate_greedy(model, tokenizer, prompts, spec.max_new_tokens, spec.batch_size,
+                                             desc=f"eval {source} /{mode}")
+            replies = [opened_reply(p) + t for p, t in zip(prompts, texts)]
+            metrics = source_metrics(source, rows, prompts, replies)
+            metrics["mean_length"] = sum(lengths) / len(lengths)
+            results.setdefault(source, {})[mode] = metrics
+    summary = {f"{source}/{mode}/{name}": value for source, modes in results.items()
+               for mode, metrics in modes.items() for name, value in metrics.items()}
+    return {"results": results, "summary": summary, "n_per_source": spec.n_per_source}
+
+
+def format_table(report: dict[str, Any], title: str) -> str:
+    """A fixed-width table: one line per source, one column per (mode, metric)."""
+    lines = [title]
+    for source, modes in report["results"].items():
+        cells = [f"/{mode} " + " ".join(f"{k}={v:.2f}" if k != "mean_length" else f"len={v:.0f}"
+                                        for k, v in metrics.items() if k != "unscored")
+                 for mode, metrics in modes.items()]
+        lines.append(f"  {source:<8} " + " | ".join(cells))
+    return "\n".join(lines)
+
+
+def print_table(report: dict[str, Any], title: str) -> None:
+    print(format_table(report, title), flush=True)

@@ -1,0 +1,177 @@
+"""The shared stage runner: where a stage starts from, resume, the final checkpoint, the hand-off.
+
+Layout of a run directory::
+
+    <run_dir>/base/                      the starting model of the first stage (layouts: built here)
+    <run_dir>/<stage>/checkpoints/       trainer checkpoints (model, optimizer, scheduler, RNG, step)
+    <run_dir>/<stage>/final/             HF checkpoint (model, tokenizer, config): the next stage's start
+    <run_dir>/<stage>/DONE.json          written last: the stage is finished (config hash, metrics)
+    <run_dir>/<stage>/metrics.jsonl      every logged training step
+    <run_dir>/<stage>/eval.json          held-out evaluation of the final model
+
+A stage's module provides ``build_trainer(ctx, model, tokenizer)``; everything else is here, so no
+stage copies another's loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from accelerate import PartialState
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from model.factory import build_model, is_layout_name, load_model, load_tokenizer
+from model.tokenizer import train_tokenizer
+from stages.config import PipelineConfig, StageSpec
+from stages.schema import ConfigError
+
+log = logging.getLogger("stages")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class StageContext:
+    config: PipelineConfig
+    stage: StageSpec
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.config.run_dir) / self.stage.name
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.dir / "checkpoints"
+
+    @property
+    def final(self) -> Path:
+        return self.dir / "final"
+
+    @property
+    def done_marker(self) -> Path:
+        return self.dir / "DONE.json"
+
+
+class StageModule(Protocol):
+    def build_trainer(self, ctx: StageContext, model: torch.nn.Module, tokenizer: Any) -> Trainer: ...
+
+
+class MetricsLog(TrainerCallback):
+    """Append each log (loss, learning rate, tokens/s) to metrics.jsonl, which outlives the process."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._last: tuple[float, int] | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        now, tokens = time.time(), int(state.num_input_tokens_seen or 0)
+        if self._last is not None and now > self._last[0] and tokens > self._last[1]:
+            logs["tokens_per_second"] = round((tokens - self._last[1]) / (now - self._last[0]), 1)
+        self._last = (now, tokens)
+        with self.path.open("a") as handle:
+            handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+def base_model_dir(config: PipelineConfig) -> Path:
+    """The first stage's starting point: a pretrained path as is, or a layout built once in the run dir."""
+    if not is_layout_name(config.model.name):
+        return Path(config.model.name)
+    base = Path(config.run_dir) / "base"
+    state = PartialState()
+    with state.main_process_first():
+        if state.is_main_process and not (base / "config.json").exists():
+            _build_base(config, base)
+    return base
+
+
+def _build_base(config: PipelineConfig, base: Path) -> None:
+    """Train the embedded tokenizer on the first stage's blend and save a randomly initialised model."""
+    from data_blends.blend import build_examples
+    from data_blends.chat import conversation
+
+    if config.model.tokenizer:
+        tokenizer = load_tokenizer(config.model.tokenizer)
+    else:
+        corpus = []
+        for stage in config.stages:
+            for example in build_examples(stage.blend_spec):
+                corpus.extend(f"{m['role']}\n{m['content']}" for m in conversation(example.row, example.think))
+        tokenizer = train_tokenizer(corpus, vocab_size=config.model.tokenizer_vocab_size)
+    model = build_model(config.model.name, tokenizer, seed=config.seed, dtype=DTYPES[config.model.dtype])
+    tmp = base.with_name(base.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(base)
+    log.info("built %s (%d parameters) in %s", config.model.name, model.num_parameters(), base)
+
+
+def start_dir(config: PipelineConfig, stage: StageSpec) -> Path:
+    """The previous stage's final checkpoint, or the base model for the first stage."""
+    previous = config.previous(stage.name)
+    if previous is None:
+        return base_model_dir(config)
+    ctx = StageContext(config, previous)
+    if not ctx.done_marker.exists():
+        raise ConfigError(f"stage {stage.name!r} starts from {previous.name!r}, which has not finished: "
+                          f"run `make {previous.name.replace('_', '-')}` first")
+    return ctx.final
+
+
+def check_finished(ctx: StageContext) -> bool:
+    """True if the stage finished with this config; a finished stage with another config is an error."""
+    if not ctx.done_marker.exists():
+        return False
+    done = json.loads(ctx.done_marker.read_text())
+    if done["config_hash"] != ctx.config.stage_hash(ctx.stage.name):
+        raise ConfigError(
+            f"stage {ctx.stage.name!r} finished with a different config (hash {done['config_hash']}, now "
+            f"{ctx.config.stage_hash(ctx.stage.name)}). Its result and every later stage are stale: "
+            f"remove {ctx.dir} (and the later stages' directories) to retrain from it."
+        )
+    return True
+
+
+def run_stage(config: PipelineConfig, stage_name: str, module: StageModule) -> dict:
+    """Train one stage (resuming if it was interrupted), save its final checkpoint, evaluate it."""
+    from stages.evaluate import evaluate, print_table
+
+    ctx = StageContext(config, config.stage(stage_name))
+    state = PartialState()
+    if check_finished(ctx):
+        log.info("stage %s already finished; skipping (%s)", stage_name, ctx.done_marker)
+        return json.loads(ctx.done_marker.read_text())
+    start = start_dir(config, ctx.stage)
+    ctx.dir.mkdir(parents=True, exist_ok=True)
+    resume = get_last_checkpoint(str(ctx.checkpoints)) if ctx.checkpoints.exists() else None
+    if resume:
+        log.info("resuming %s from %s", stage_name, resume)
+    tokenizer = load_tokenizer(start)
+    # The weights of a resumed run are loaded here, with from_pretrained: NemotronH checkpoints store
+    # legacy key names ("backbone.*") that the Trainer's own resume (a non-strict load_state_dict)
+    # silently skips, which would restart training from the stage's initial weights.
+    model = load_model(resume or start, dtype=DTYPES[config.model.dtype])
+    trainer = module.build_trainer(ctx, model, tokenizer)
+    trainer.add_callback(MetricsLog(ctx.dir / "metrics.jsonl"))
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(str(ctx.final))
+    summary: dict[str, Any] = {}
+    if state.is_main_process:
+        tokenizer.save_pretrained(str(ctx.final))
+        report = evaluate(trainer.model, tokenizer, ctx.stage.eval)
+        (ctx.dir / "eval.json").write_text(json.dumps(report, indent=2))
+        print_table(report, title=f"{stage_name}: held-out evaluation")
+        summary = {"stage": stage_name, "config_hash": config.stage_hash(stage_name),
+                   "steps": trainer.state.global_step, "train_metrics": result.metrics,
+                   "eval": report["summary"], "final": str(ctx.final), "started_from": str(start)}
+        ctx.done_marker.write_text(json.dumps(summary, indent=2))
+    state.wait_for_everyone()
+    return summary

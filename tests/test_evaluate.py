@@ -1,0 +1,44 @@
+"""Eval metrics come from the real rewards; a reply is scored together with the think tags the prompt opened."""
+
+from __future__ import annotations
+
+from data_blends import generators
+from stages.config import EvalSpec
+from stages.evaluate import evaluate, format_table, opened_reply, source_metrics
+
+
+def test_opened_reply_is_the_part_of_the_reply_the_prompt_wrote():
+    assert opened_reply("<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n<think>") == "<think>"
+    assert opened_reply("x<|im_start|>assistant\n<think></think>") == "<think></think>"
+
+
+def test_math_accuracy_counts_only_correct_final_answers():
+    rows = generators.generate("math", "test", 4, seed=3)
+    replies = [f"<think>{r['thinking']}</think>The answer is \\boxed{{{r['gold']}}}." for r in rows[:3]]
+    replies.append("<think>guess</think>The answer is \\boxed{1}.")
+    metrics = source_metrics("math", rows, ["p"] * 4, replies)
+    assert metrics["accuracy"] == 0.75 and metrics["unscored"] == 0.0
+
+
+def test_safety_rates_split_harmful_and_benign():
+    rows = generators.generate("safety", "test", 40, seed=3)
+    refuse_all = ["<think></think>I can't help with that."] * len(rows)
+    metrics = source_metrics("safety", rows, ["p"] * len(rows), refuse_all)
+    assert metrics == {"refusal_rate": 1.0, "over_refusal_rate": 1.0}
+    ideal = ["<think></think>" + r["answer"] for r in rows]
+    assert source_metrics("safety", rows, ["p"] * len(rows), ideal) == {"refusal_rate": 1.0, "over_refusal_rate": 0.0}
+
+
+def test_ifeval_and_code_reference_answers_pass():
+    for source, name in (("ifeval", "pass_rate"), ("code", "accuracy")):
+        rows = generators.generate(source, "test", 6, seed=3)
+        replies = ["<think></think>" + r["answer"] for r in rows]
+        assert source_metrics(source, rows, ["p"] * 6, replies)[name] == 1.0
+        assert source_metrics(source, rows, ["p"] * 6, ["<think></think>"] * 6)[name] == 0.0
+
+
+def test_untrained_model_scores_nothing(tiny_model, tokenizer):
+    report = evaluate(tiny_model, tokenizer, EvalSpec(sources=["math"], n_per_source=4, max_new_tokens=6))
+    assert report["results"]["math"]["think"]["accuracy"] == 0.0
+    assert 0 < report["results"]["math"]["no_think"]["mean_length"] <= 6
+    assert "math" in format_table(report, "t")
