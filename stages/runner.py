@@ -15,6 +15,7 @@ stage copies another's loop.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -94,7 +95,7 @@ def base_model_dir(config: PipelineConfig) -> Path:
 
 
 def _build_base(config: PipelineConfig, base: Path) -> None:
-    """Train the embedded tokenizer on the first stage's blend and save a randomly initialised model."""
+    """Train the embedded tokenizer on a sample of every stage's blend; save it with a randomly initialised model."""
     from data_blends.blend import build_examples
     from data_blends.chat import conversation
 
@@ -102,8 +103,9 @@ def _build_base(config: PipelineConfig, base: Path) -> None:
         tokenizer = load_tokenizer(config.model.tokenizer)
     else:
         corpus = []
-        for stage in config.stages:
-            for example in build_examples(stage.blend_spec):
+        for stage in config.stages:  # a sample of every stage's blend is plenty for a 512-token BPE
+            sample = dataclasses.replace(stage.blend_spec, num_examples=min(stage.blend_spec.num_examples, 4000))
+            for example in build_examples(sample):
                 corpus.extend(f"{m['role']}\n{m['content']}" for m in conversation(example.row, example.think))
         tokenizer = train_tokenizer(corpus, vocab_size=config.model.tokenizer_vocab_size)
     model = build_model(config.model.name, tokenizer, seed=config.seed, dtype=DTYPES[config.model.dtype])
@@ -166,7 +168,9 @@ def run_stage(config: PipelineConfig, stage_name: str, module: StageModule) -> d
     summary: dict[str, Any] = {}
     if state.is_main_process:
         tokenizer.save_pretrained(str(ctx.final))
-        report = evaluate(trainer.model, tokenizer, ctx.stage.eval)
+        # Evaluate the saved checkpoint, not the trainer's model: under FSDP or ZeRO-3 the latter is
+        # sharded across processes and cannot generate on the main process alone.
+        report = evaluate(load_model(ctx.final, dtype=DTYPES[config.model.dtype]), tokenizer, ctx.stage.eval)
         (ctx.dir / "eval.json").write_text(json.dumps(report, indent=2))
         print_table(report, title=f"{stage_name}: held-out evaluation")
         summary = {"stage": stage_name, "config_hash": config.stage_hash(stage_name),
