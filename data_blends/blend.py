@@ -14,10 +14,8 @@ trace is always rendered with ``/no_think``.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -46,9 +44,6 @@ class BlendSpec:
     sources: list[SourceSpec]
     num_examples: int
     seed: int = 0
-
-    def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass

@@ -49,7 +49,3 @@ def load_tokenizer(name_or_path: str | Path):
 
 def is_layout_name(name: str) -> bool:
     return name in LAYOUTS
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

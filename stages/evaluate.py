@@ -9,7 +9,6 @@ response length in tokens.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -20,8 +19,6 @@ from data_blends.chat import prompt_messages
 from rewards import get_reward
 from rewards.safety import is_refusal
 from stages.config import EvalSpec
-
-log = logging.getLogger("stages")
 
 ASSISTANT_START = "<|im_start|>assistant\n"
 
