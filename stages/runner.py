@@ -164,10 +164,9 @@ def run_stage(config: PipelineConfig, stage_name: str, module: StageModule) -> d
     trainer = module.build_trainer(ctx, model, tokenizer)
     trainer.add_callback(MetricsLog(ctx.dir / "metrics.jsonl"))
     result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(str(ctx.final))
+    trainer.save_model(str(ctx.final))  # weights, config and the tokenizer (the trainer's processing_class)
     summary: dict[str, Any] = {}
     if state.is_main_process:
-        tokenizer.save_pretrained(str(ctx.final))
         # Evaluate the saved checkpoint, not the trainer's model: under FSDP or ZeRO-3 the latter is
         # sharded across processes and cannot generate on the main process alone.
         report = evaluate(load_model(ctx.final, dtype=DTYPES[config.model.dtype]), tokenizer, ctx.stage.eval)

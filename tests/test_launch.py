@@ -6,6 +6,8 @@ import argparse
 import subprocess
 import sys
 
+import torch
+
 from stages.launch import CPU_CONFIG, PASSED_THROUGH, launch_command
 from tests.conftest import ROOT
 
@@ -31,8 +33,6 @@ def test_profile_config_is_used_unless_overridden_and_cpu_is_the_fallback():
     assert "from-profile.yaml" in launch_command(_args(), "from-profile.yaml")
     assert "cli.yaml" in launch_command(_args(accelerate_config="cli.yaml"), "from-profile.yaml")
     command = launch_command(_args(), None)
-    import torch
-
     assert (str(CPU_CONFIG) in command) == (not torch.cuda.is_available())
     assert not any(flag in command for flag in ("--num_processes", "--machine_rank"))
 
