@@ -69,3 +69,12 @@ def layout(name: str) -> dict[str, Any]:
     if name not in LAYOUTS:
         raise KeyError(f"unknown model layout {name!r}; known: {sorted(LAYOUTS)}")
     return dict(LAYOUTS[name])
+
+
+def reduced(name: str, hidden_size: int = 64) -> dict[str, Any]:
+    """A named layout at reduced width: the same layer pattern, sizes scaled for CPU tests and benches."""
+    return layout(name) | dict(
+        hidden_size=hidden_size, intermediate_size=4 * hidden_size, mamba_num_heads=8,
+        mamba_head_dim=hidden_size // 4, n_groups=2, ssm_state_size=16, chunk_size=32,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=hidden_size // 4, vocab_size=512,
+    )

@@ -5,12 +5,336 @@ For each head the recurrence is ``h_t = exp(dt_t * A) * h_{t-1} + dt_t * x_t ⊗
 of ``chunk_size`` tokens plus one state hand-off per chunk, which is what makes prefill fast. Several
 prompts can be packed into one row with ``cu_seqlens``: each starts from its own initial state (zero by
 default), none sees another's tokens, and each gets its own final state back for decoding.
+
+The Triton op runs four kernels, as mamba_ssm does: chunk cumsum (dt and its running decay), chunk state
+(what each chunk adds to the state), state passing (the only serial loop, per sequence over its chunks)
+and chunk scan (the outputs). Unlike mamba_ssm, chunks are cut per sequence (as in the reference, and
+vLLM's varlen design): a chunk never holds two sequences, so a packed row needs no in-kernel resets, the
+state passing starts each sequence from its own initial state and ends on its own final state, and C·Bᵀ
+is computed inside the chunk scan instead of being written out per chunk and read back per head.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _discretize_dt_tl(dt, dt_bias, dt_min, dt_max):
+    """softplus(dt + dt_bias) clamped to [dt_min, dt_max] in fp32, as ``_discretize_dt`` (PyTorch's softplus
+    is the identity past 20, and exp would overflow there)."""
+    dt = dt.to(tl.float32) + dt_bias.to(tl.float32)
+    dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+    return tl.minimum(tl.maximum(dt, dt_min), dt_max)
+
+
+@triton.jit
+def _chunk_cumsum_kernel(
+    # Pointers
+    dt_ptr, A_ptr, dt_bias_ptr, chunk_start_ptr, chunk_len_ptr, dt_out_ptr, dA_cs_ptr,
+    # Dimensions
+    nheads, dt_min, dt_max,
+    # Strides
+    stride_dt_t, stride_dt_h, stride_out_h, stride_out_c,
+    # Meta-parameters
+    CHUNK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_Q: tl.constexpr,
+):
+    """dt and the running sum of dt * A over one chunk, for a block of heads. Past the chunk's end dt is 0,
+    so the last column of the running sum is the decay of the whole chunk."""
+    pid_c = tl.program_id(0).to(tl.int64)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_q = tl.arange(0, BLOCK_Q)
+    start = tl.load(chunk_start_ptr + pid_c)
+    length = tl.load(chunk_len_ptr + pid_c)
+    mask_h = offs_h < nheads
+    mask = mask_h[:, None] & (offs_q < length)[None, :]
+    dt = tl.load(dt_ptr + (start + offs_q)[None, :] * stride_dt_t + offs_h[:, None] * stride_dt_h, mask=mask,
+                 other=0.0)
+    dt_bias = tl.load(dt_bias_ptr + offs_h, mask=mask_h, other=0.0)
+    dt = tl.where(mask, _discretize_dt_tl(dt, dt_bias[:, None], dt_min, dt_max), 0.0)
+    A = tl.load(A_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)
+    dA_cs = tl.cumsum(dt * A[:, None], axis=1)
+    out = offs_h[:, None] * stride_out_h + pid_c * stride_out_c + offs_q[None, :]
+    mask_out = mask_h[:, None] & (offs_q < CHUNK)[None, :]
+    tl.store(dt_out_ptr + out, dt, mask=mask_out)
+    tl.store(dA_cs_ptr + out, dA_cs, mask=mask_out)
+
+
+@triton.jit
+def _chunk_state_kernel(
+    # Pointers
+    x_ptr, B_ptr, dt_ptr, dA_cs_ptr, chunk_start_ptr, chunk_len_ptr, states_ptr,
+    # Dimensions
+    headdim, dstate, heads_per_group,
+    # Strides
+    stride_x_t, stride_x_h, stride_B_t, stride_B_g, stride_dt_h, stride_dt_c, stride_s_c, stride_s_h, stride_s_p,
+    # Meta-parameters
+    CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """The state one chunk leaves from a zero start, sum_k exp(dA_last - dA_k) dt_k x_k ⊗ B_k, for a
+    (headdim, dstate) block of one head."""
+    pid_pn = tl.program_id(0)
+    pid_c = tl.program_id(1).to(tl.int64)
+    pid_h = tl.program_id(2).to(tl.int64)
+    blocks_n = tl.cdiv(dstate, BLOCK_N)
+    offs_p = (pid_pn // blocks_n) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = (pid_pn % blocks_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    start = tl.load(chunk_start_ptr + pid_c)
+    length = tl.load(chunk_len_ptr + pid_c)
+    x_ptr += start * stride_x_t + pid_h * stride_x_h
+    B_ptr += start * stride_B_t + (pid_h // heads_per_group) * stride_B_g
+    dt_ptr += pid_h * stride_dt_h + pid_c * stride_dt_c
+    dA_cs_ptr += pid_h * stride_dt_h + pid_c * stride_dt_c
+    mask_p = offs_p < headdim
+    mask_n = offs_n < dstate
+    dA_last = tl.load(dA_cs_ptr + CHUNK - 1)
+    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, length, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < length
+        xt = tl.load(x_ptr + offs_k[None, :] * stride_x_t + offs_p[:, None],
+                     mask=mask_p[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        b = tl.load(B_ptr + offs_k[:, None] * stride_B_t + offs_n[None, :],
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+        dA_k = tl.load(dA_cs_ptr + offs_k, mask=mask_k, other=0.0)
+        dt_k = tl.load(dt_ptr + offs_k, mask=mask_k, other=0.0)
+        # The exponent is <= 0 in exact arithmetic; clamping keeps cumsum rounding from overflowing it.
+        scale = tl.exp(tl.minimum(dA_last - dA_k, 0.0)) * dt_k
+        acc += tl.dot(xt, b * scale[:, None], input_precision=DOT_PRECISION)
+    tl.store(states_ptr + pid_c * stride_s_c + pid_h * stride_s_h + offs_p[:, None] * stride_s_p + offs_n[None, :],
+             acc, mask=mask_p[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _state_passing_kernel(
+    # Pointers
+    states_ptr, dA_cs_ptr, cu_chunks_ptr, init_ptr, final_ptr,
+    # Dimensions
+    state_size,
+    # Strides
+    stride_s_c, stride_s_h, stride_dA_h, stride_dA_c, stride_init_s, stride_init_h, stride_final_s,
+    stride_final_h,
+    # Meta-parameters
+    CHUNK: tl.constexpr, HAS_INIT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Carries one sequence's state across its chunks, in fp32: states[c] (what chunk c adds) is replaced in
+    place by the state entering chunk c, and the state after the last chunk is the sequence's final state."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    pid_s = tl.program_id(1).to(tl.int64)
+    pid_h = tl.program_id(2).to(tl.int64)
+    mask = offs < state_size
+    if HAS_INIT:
+        state = tl.load(init_ptr + pid_s * stride_init_s + pid_h * stride_init_h + offs, mask=mask,
+                        other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros((BLOCK,), dtype=tl.float32)
+    for c in range(tl.load(cu_chunks_ptr + pid_s), tl.load(cu_chunks_ptr + pid_s + 1)):
+        ptrs = states_ptr + c * stride_s_c + pid_h * stride_s_h + offs
+        added = tl.load(ptrs, mask=mask, other=0.0)
+        tl.store(ptrs, state, mask=mask)
+        decay = tl.exp(tl.minimum(tl.load(dA_cs_ptr + pid_h * stride_dA_h + c * stride_dA_c + CHUNK - 1), 0.0))
+        state = decay * state + added
+    tl.store(final_ptr + pid_s * stride_final_s + pid_h * stride_final_h + offs, state, mask=mask)
+
+
+@triton.jit
+def _chunk_scan_kernel(
+    # Pointers
+    x_ptr, B_ptr, C_ptr, dt_ptr, dA_cs_ptr, states_ptr, D_ptr, chunk_start_ptr, chunk_len_ptr, y_ptr,
+    # Dimensions
+    headdim, dstate, heads_per_group,
+    # Strides
+    stride_x_t, stride_x_h, stride_B_t, stride_B_g, stride_C_t, stride_C_g, stride_dt_h, stride_dt_c,
+    stride_s_c, stride_s_h, stride_s_p, stride_y_t, stride_y_h,
+    # Meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DSTATE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """y for a (rows, headdim) block of one chunk and head: the entering state read through C and decayed
+    to each row, plus the causal in-chunk term sum_{k<=m} (C_m·B_k) exp(dA_m - dA_k) dt_k x_k, plus D x."""
+    pid_mp = tl.program_id(0)
+    pid_c = tl.program_id(1).to(tl.int64)
+    pid_h = tl.program_id(2).to(tl.int64)
+    blocks_p = tl.cdiv(headdim, BLOCK_P)
+    pid_m = pid_mp // blocks_p
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_p = (pid_mp % blocks_p) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_DSTATE)
+    start = tl.load(chunk_start_ptr + pid_c)
+    length = tl.load(chunk_len_ptr + pid_c)
+    group = pid_h // heads_per_group
+    x_ptr += start * stride_x_t + pid_h * stride_x_h
+    B_ptr += start * stride_B_t + group * stride_B_g
+    C_ptr += start * stride_C_t + group * stride_C_g
+    dt_ptr += pid_h * stride_dt_h + pid_c * stride_dt_c
+    dA_cs_ptr += pid_h * stride_dt_h + pid_c * stride_dt_c
+    mask_m = offs_m < length
+    mask_p = offs_p < headdim
+    mask_n = offs_n < dstate
+
+    dA_m = tl.load(dA_cs_ptr + offs_m, mask=mask_m, other=0.0)
+    c = tl.load(C_ptr + offs_m[:, None] * stride_C_t + offs_n[None, :], mask=mask_m[:, None] & mask_n[None, :],
+                other=0.0).to(tl.float32)
+    entering = tl.load(states_ptr + pid_c * stride_s_c + pid_h * stride_s_h + offs_p[None, :] * stride_s_p
+                       + offs_n[:, None], mask=mask_n[:, None] & mask_p[None, :], other=0.0)
+    acc = tl.dot(c, entering, input_precision=DOT_PRECISION) * tl.exp(tl.minimum(dA_m, 0.0))[:, None]
+
+    for k0 in range(0, tl.minimum((pid_m + 1) * BLOCK_M, length), BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < length
+        bt = tl.load(B_ptr + offs_k[None, :] * stride_B_t + offs_n[:, None], mask=mask_n[:, None] & mask_k[None, :],
+                     other=0.0).to(tl.float32)
+        dA_k = tl.load(dA_cs_ptr + offs_k, mask=mask_k, other=0.0)
+        dt_k = tl.load(dt_ptr + offs_k, mask=mask_k, other=0.0)
+        scale = tl.exp(tl.minimum(dA_m[:, None] - dA_k[None, :], 0.0)) * dt_k[None, :]
+        cb = tl.dot(c, bt, input_precision=DOT_PRECISION)
+        cb = tl.where(offs_m[:, None] >= offs_k[None, :], cb * scale, 0.0)
+        xk = tl.load(x_ptr + offs_k[:, None] * stride_x_t + offs_p[None, :], mask=mask_k[:, None] & mask_p[None, :],
+                     other=0.0).to(tl.float32)
+        acc += tl.dot(cb, xk, input_precision=DOT_PRECISION)
+
+    mask = mask_m[:, None] & mask_p[None, :]
+    x = tl.load(x_ptr + offs_m[:, None] * stride_x_t + offs_p[None, :], mask=mask, other=0.0).to(tl.float32)
+    acc += tl.load(D_ptr + pid_h).to(tl.float32) * x
+    tl.store(y_ptr + (start + offs_m)[:, None] * stride_y_t + pid_h * stride_y_h + offs_p[None, :],
+             acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _block(size: int, cap: int) -> int:
+    """A power-of-two block covering ``size`` up to ``cap``, at least 16 (the smallest tl.dot operand)."""
+    return max(16, min(cap, triton.next_power_of_2(size)))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs keep fp32 products (parity with the reference); bf16/fp16 ones, already rounded, use TF32."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _inner_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """The kernels step the innermost dimension with unit stride; every other stride is passed."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _flat_cu_seqlens(batch: int, seqlen: int, cu_seqlens: torch.Tensor | None,
+                     device: torch.device) -> torch.Tensor:
+    """int64 sequence offsets over the batch * seqlen flattened tokens: one sequence per row, or row 0's
+    packed ones; either way the kernels only ever see packed sequences."""
+    if cu_seqlens is None:
+        return torch.arange(batch + 1, device=device, dtype=torch.int64) * seqlen
+    if batch != 1:
+        raise ValueError(f"packed sequences (cu_seqlens) need batch 1, got {batch}")
+    return cu_seqlens.to(device=device, dtype=torch.int64)
+
+
+def _chunk_table(cu_seqlens: torch.Tensor, ntokens: int,
+                 chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chunks of at most ``chunk_size`` tokens cut from each sequence's start: per chunk its first token,
+    length and sequence, and the chunk offsets of each sequence (``cu_chunks``). Built on the device with no
+    host sync: the table has an upper bound of rows, and those past the real chunks have length 0."""
+    nseq = cu_seqlens.numel() - 1
+    counts = (cu_seqlens[1:] - cu_seqlens[:-1] + chunk_size - 1) // chunk_size
+    cu_chunks = F.pad(counts.cumsum(0), (1, 0))
+    idx = torch.arange((ntokens + nseq * (chunk_size - 1)) // chunk_size, device=cu_seqlens.device)
+    seq = torch.searchsorted(cu_chunks[1:], idx, right=True).clamp(max=nseq - 1)
+    start = cu_seqlens[seq] + (idx - cu_chunks[seq]) * chunk_size
+    length = (cu_seqlens[seq + 1] - start).clamp(0, chunk_size)
+    return start, length, seq, cu_chunks
+
+
+def _ssd_scan_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                  D: torch.Tensor, dt_bias: torch.Tensor, initial_states: torch.Tensor | None,
+                  cu_seqlens: torch.Tensor, chunk_size: int,
+                  dt_limit: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs the four kernels over packed tokens: x [T, H, P], dt [T, H], B and C [T, G, N], cu_seqlens
+    [S + 1] int64, initial_states [S, H, P * N] or None. Returns y [T, H, P] and final states [S, H, P, N]."""
+    ntokens, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[1:]
+    nseq = cu_seqlens.numel() - 1
+    start, length, _, cu_chunks = _chunk_table(cu_seqlens, ntokens, chunk_size)
+    nchunks = start.numel()
+    f32 = dict(device=x.device, dtype=torch.float32)
+    dt_out = torch.empty(nheads, nchunks, chunk_size, **f32)
+    dA_cs = torch.empty_like(dt_out)
+    states = torch.empty(nchunks, nheads, headdim, dstate, **f32)
+    final = torch.empty(nseq, nheads, headdim, dstate, **f32)
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    per_group, precision = nheads // ngroups, _dot_precision(x.dtype)
+
+    block_h = _block(nheads, 16)
+    _chunk_cumsum_kernel[(nchunks, triton.cdiv(nheads, block_h))](
+        dt, A, dt_bias, start, length, dt_out, dA_cs,
+        nheads, float(dt_limit[0]), float(dt_limit[1]),
+        dt.stride(0), dt.stride(1), dt_out.stride(0), dt_out.stride(1),
+        CHUNK=chunk_size, BLOCK_H=block_h, BLOCK_Q=triton.next_power_of_2(chunk_size))
+
+    block_p, block_n = _block(headdim, 64), _block(dstate, 64)
+    grid = (triton.cdiv(headdim, block_p) * triton.cdiv(dstate, block_n), nchunks, nheads)
+    _chunk_state_kernel[grid](
+        x, B, dt_out, dA_cs, start, length, states,
+        headdim, dstate, per_group,
+        x.stride(0), x.stride(1), B.stride(0), B.stride(1), dt_out.stride(0), dt_out.stride(1),
+        states.stride(0), states.stride(1), states.stride(2),
+        CHUNK=chunk_size, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_K=_block(chunk_size, 32),
+        DOT_PRECISION=precision)
+
+    block = _block(headdim * dstate, 512)
+    init = initial_states if initial_states is not None else final    # a placeholder pointer when absent
+    _state_passing_kernel[(triton.cdiv(headdim * dstate, block), nseq, nheads)](
+        states, dA_cs, cu_chunks, init, final,
+        headdim * dstate,
+        states.stride(0), states.stride(1), dA_cs.stride(0), dA_cs.stride(1), init.stride(0), init.stride(1),
+        final.stride(0), final.stride(1),
+        CHUNK=chunk_size, HAS_INIT=initial_states is not None, BLOCK=block)
+
+    block_m = _block(chunk_size, 64)
+    grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(headdim, block_p), nchunks, nheads)
+    _chunk_scan_kernel[grid](
+        x, B, C, dt_out, dA_cs, states, D, start, length, y,
+        headdim, dstate, per_group,
+        x.stride(0), x.stride(1), B.stride(0), B.stride(1), C.stride(0), C.stride(1), dt_out.stride(0),
+        dt_out.stride(1), states.stride(0), states.stride(1), states.stride(2), y.stride(0), y.stride(1),
+        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_K=_block(chunk_size, 32),
+        BLOCK_DSTATE=triton.next_power_of_2(max(dstate, 16)), DOT_PRECISION=precision)
+    return y, final
+
+
+def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+             D: torch.Tensor, dt_bias: torch.Tensor, *, chunk_size: int,
+             dt_limit: tuple[float, float] = (0.0, float("inf")),
+             initial_states: torch.Tensor | None = None,
+             cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked SSD scan, Triton.
+
+    x: [batch, seqlen, nheads, headdim]; dt: [batch, seqlen, nheads] (before bias and softplus);
+    A: [nheads] (negative); B, C: [batch, seqlen, ngroups, dstate] (nheads a multiple of ngroups);
+    D, dt_bias: [nheads]; initial_states: [nseq, nheads, headdim, dstate] or None (zeros);
+    cu_seqlens: [nseq + 1] int offsets of packed sequences in row 0 (then batch is 1), or None
+    (then nseq = batch). Returns y: [batch, seqlen, nheads, headdim] in x's dtype and
+    final_states: [nseq, nheads, headdim, dstate] in fp32. The state is carried in fp32 throughout.
+    """
+    batch, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2:]
+    if nheads % ngroups:
+        raise ValueError(f"nheads ({nheads}) must be a multiple of ngroups ({ngroups})")
+    cu = _flat_cu_seqlens(batch, seqlen, cu_seqlens, x.device)
+    nseq, ntokens = cu.numel() - 1, batch * seqlen
+    if initial_states is not None:
+        if initial_states.shape != (nseq, nheads, headdim, dstate):
+            raise ValueError(f"initial_states must be {(nseq, nheads, headdim, dstate)}, "
+                             f"got {tuple(initial_states.shape)}")
+        initial_states = _inner_contiguous(initial_states.reshape(nseq, nheads, headdim * dstate))
+
+    def flat(t: torch.Tensor, *shape: int) -> torch.Tensor:
+        return _inner_contiguous(t.reshape(ntokens, *shape))
+
+    y, final = _ssd_scan_fwd(flat(x, nheads, headdim), flat(dt, nheads), A.contiguous(),
+                             flat(B, ngroups, dstate), flat(C, ngroups, dstate), D.contiguous(),
+                             dt_bias.contiguous(), initial_states, cu, chunk_size, dt_limit)
+    return y.view(batch, seqlen, nheads, headdim), final
 
 
 def _discretize_dt(dt: torch.Tensor, dt_bias: torch.Tensor, dt_limit: tuple[float, float]) -> torch.Tensor:

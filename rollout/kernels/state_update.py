@@ -3,13 +3,100 @@
 The engine keeps every sequence's SSM state in a preallocated ``[nslots, nheads, headdim, dstate]``
 buffer; a decode batch names each row's slot, so sequences can finish and be replaced without moving
 any state. A negative slot marks a padding row: it produces zeros and touches no state.
+
+The step reads and writes the whole state once and does ~5 FLOPs per element, so it is bound by memory
+bandwidth: one program per (headdim block, row, head) as in mamba_ssm, the state updated in fp32 registers
+and stored back in its own dtype. Block sizes are set by hand, not autotuned, since autotuning would rerun
+a kernel that updates the state in place.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
-from rollout.kernels.ssd_scan import _discretize_dt
+from rollout.kernels.ssd_scan import _discretize_dt, _discretize_dt_tl, _inner_contiguous
+
+
+@triton.jit
+def _state_update_kernel(
+    # Pointers
+    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, slot_ptr, y_ptr,
+    # Dimensions
+    headdim, dstate, heads_per_group, dt_min, dt_max,
+    # Strides
+    stride_s_slot, stride_s_h, stride_s_p, stride_x_b, stride_x_h, stride_dt_b, stride_dt_h,
+    stride_B_b, stride_B_g, stride_C_b, stride_C_g, stride_y_b, stride_y_h,
+    # Meta-parameters
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One step for a block of headdim rows of one head of one batch row; a padding row (slot < 0) loads and
+    stores no state and writes zeros."""
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pid_b = tl.program_id(1).to(tl.int64)
+    pid_h = tl.program_id(2).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)
+    slot = tl.load(slot_ptr + pid_b).to(tl.int64)
+    valid = slot >= 0
+    mask_p = offs_p < headdim
+    mask_n = offs_n < dstate
+    group = pid_h // heads_per_group
+
+    state_ptrs = (state_ptr + slot * stride_s_slot + pid_h * stride_s_h + offs_p[:, None] * stride_s_p
+                  + offs_n[None, :])
+    mask = valid & mask_p[:, None] & mask_n[None, :]
+    h = tl.load(state_ptrs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + pid_b * stride_x_b + pid_h * stride_x_h + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+    dt = _discretize_dt_tl(tl.load(dt_ptr + pid_b * stride_dt_b + pid_h * stride_dt_h), tl.load(dt_bias_ptr + pid_h),
+                           dt_min, dt_max)
+    A = tl.load(A_ptr + pid_h).to(tl.float32)
+    B = tl.load(B_ptr + pid_b * stride_B_b + group * stride_B_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    C = tl.load(C_ptr + pid_b * stride_C_b + group * stride_C_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+
+    h = h * tl.exp(dt * A) + (dt * x)[:, None] * B[None, :]
+    tl.store(state_ptrs, h.to(state_ptr.dtype.element_ty), mask=mask)
+    y = tl.sum(h * C[None, :], axis=1) + tl.load(D_ptr + pid_h).to(tl.float32) * x
+    tl.store(y_ptr + pid_b * stride_y_b + pid_h * stride_y_h + offs_p,
+             tl.where(valid, y, 0.0).to(y_ptr.dtype.element_ty), mask=mask_p)
+
+
+def _state_update_fwd(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                      C: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, slot_idx: torch.Tensor,
+                      dt_limit: tuple[float, float], y: torch.Tensor) -> None:
+    """Launches the step; mamba_ssm's hand-tuned (headdim block, warps) per dstate keep the state block of a
+    program in registers."""
+    batch, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[1:]
+    block_p, num_warps = ((32, 4) if dstate <= 16 else (16, 4) if dstate <= 32 else (8, 4) if dstate <= 64
+                          else (4, 4) if dstate <= 128 else (4, 8))
+    _state_update_kernel[(triton.cdiv(headdim, block_p), batch, nheads)](
+        state, x, dt, A, B, C, D, dt_bias, slot_idx, y,
+        headdim, dstate, nheads // ngroups, float(dt_limit[0]), float(dt_limit[1]),
+        state.stride(0), state.stride(1), state.stride(2), x.stride(0), x.stride(1), dt.stride(0), dt.stride(1),
+        B.stride(0), B.stride(1), C.stride(0), C.stride(1), y.stride(0), y.stride(1),
+        BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(dstate), num_warps=num_warps)
+
+
+def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
+                           B: torch.Tensor, C: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, *,
+                           slot_idx: torch.Tensor,
+                           dt_limit: tuple[float, float] = (0.0, float("inf"))) -> torch.Tensor:
+    """One recurrent step, Triton.
+
+    state: [nslots, nheads, headdim, dstate] (fp32 by default), updated in place;
+    x: [batch, nheads, headdim]; dt: [batch, nheads] (before bias and softplus); A, D, dt_bias: [nheads];
+    B, C: [batch, ngroups, dstate]; slot_idx: [batch] int, the state slot of each row (< 0: padding).
+    Returns y: [batch, nheads, headdim] in x's dtype (zeros on padding rows).
+    """
+    if state.stride(-1) != 1:
+        raise ValueError("state must be contiguous in dstate: it is updated in place")
+    if x.shape[1] % B.shape[1]:
+        raise ValueError(f"nheads ({x.shape[1]}) must be a multiple of ngroups ({B.shape[1]})")
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _state_update_fwd(state, _inner_contiguous(x), dt, A.contiguous(), _inner_contiguous(B), _inner_contiguous(C),
+                      D.contiguous(), dt_bias.contiguous(), slot_idx.contiguous(), dt_limit, y)
+    return y
 
 
 def selective_state_update_ref(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
@@ -23,13 +110,17 @@ def selective_state_update_ref(state: torch.Tensor, x: torch.Tensor, dt: torch.T
     B, C: [batch, ngroups, dstate]; slot_idx: [batch] int, the state slot of each row (< 0: padding).
     Returns y: [batch, nheads, headdim] in x's dtype (zeros on padding rows).
     """
-    per_group = x.shape[1] // B.shape[1]
+    batch, nheads, headdim = x.shape
+    groups = B.shape[1]
     valid = slot_idx >= 0
-    dt = _discretize_dt(dt, dt_bias, dt_limit)                      # [batch, nheads]
-    B = B.float().repeat_interleave(per_group, dim=1)               # [batch, nheads, dstate]
-    C = C.float().repeat_interleave(per_group, dim=1)
-    h = state[slot_idx.clamp(min=0)].float()
-    h = h * torch.exp(dt * A.float())[..., None, None] + (dt[..., None] * x.float())[..., None] * B[:, :, None]
-    state[slot_idx[valid]] = h[valid].to(state.dtype)
-    y = torch.einsum("bhpn,bhn->bhp", h, C) + D.float()[:, None] * x.float()
-    return (y * valid[:, None, None]).to(x.dtype)
+    dt = _discretize_dt(dt, dt_bias, dt_limit).view(batch, groups, -1, 1, 1)       # heads split by group
+    xg = x.float().view(batch, groups, -1, headdim, 1)
+    h = state[slot_idx.clamp(min=0)].float().view(batch, groups, -1, headdim, B.shape[-1])
+    h = h * torch.exp(dt * A.float().view(1, groups, -1, 1, 1)) + (dt * xg) * B.float()[:, :, None, None]
+    y = (h @ C.float()[:, :, None, :, None])[..., 0] + D.float().view(1, groups, -1, 1) * xg[..., 0]
+    h = h.view(batch, nheads, headdim, -1).to(state.dtype)
+    if bool(valid.all()):
+        state.index_copy_(0, slot_idx, h)
+    else:
+        state[slot_idx[valid]] = h[valid]
+    return (y.view(batch, nheads, headdim) * valid[:, None, None]).to(x.dtype)

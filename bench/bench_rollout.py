@@ -1,0 +1,76 @@
+"""Rollout engine against transformers' ``generate()``: new tokens per second, and state memory.
+
+Both generate the same number of new tokens for the same prompts with the same model (greedy, no stop
+token, so every sequence runs to ``--new-tokens``); the ratio is measured in one run.
+
+    python -m bench.bench_rollout                      # tiny layout, batches 1, 16, 64, 256 new tokens
+    python -m bench.bench_rollout --layout nemotron-h-8b --hidden 256 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from bench.common import bench_tokenizer, chat_prompts, header, timed
+from model.factory import build_model
+from rollout.engine import RolloutEngine, StateCache
+from rollout.sampling import SamplingParams
+
+
+def hf_generate(model, tokenizer, prompts: list[list[int]], new_tokens: int) -> int:
+    """Left-padded batched ``generate()``; returns the number of new tokens."""
+    tokenizer.padding_side = "left"
+    batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(model.device)
+    out = model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id)
+    return (out.shape[1] - batch["input_ids"].shape[1]) * out.shape[0]
+
+
+def engine_generate(engine: RolloutEngine, prompts: list[list[int]], new_tokens: int) -> int:
+    outs = engine.generate(prompts, SamplingParams(max_new_tokens=new_tokens, temperature=0, stop_token_ids=()))
+    return sum(len(o.token_ids) for o in outs)
+
+
+def memory_lines(model, max_length: int) -> list[str]:
+    cache = StateCache(model, slots=1, max_length=16)
+    state, kv = cache.mamba_bytes_per_sequence(), cache.kv_bytes_per_token()
+    lines = [f"Mamba state per sequence (conv + SSM, any length): {state:,} bytes",
+             f"attention KV per sequence: " + ", ".join(f"{n // 1024}k tokens {kv * n:,} bytes"
+                                                        for n in (1024, 4096, 16384))]
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layout", default="tiny")
+    parser.add_argument("--hidden", type=int, default=None, help="override hidden_size (reduced-width layouts)")
+    parser.add_argument("--batches", default="1,16,64")
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = parser.parse_args()
+
+    tokenizer = bench_tokenizer()
+    overrides = {"hidden_size": args.hidden} if args.hidden else {}
+    model = build_model(args.layout, tokenizer, dtype=getattr(torch, args.dtype), **overrides).to(args.device).eval()
+    batches = [int(b) for b in args.batches.split(",")]
+    prompts = chat_prompts(tokenizer, max(batches))
+    engine = RolloutEngine(model, tokenizer, max_batch=max(batches),
+                           max_length=max(map(len, prompts)) + args.new_tokens)
+    print(header(f"rollout engine vs transformers generate(): layout {args.layout}, "
+                 f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {args.new_tokens} new tokens"))
+    print(f"{'batch':>5} {'generate() tok/s':>17} {'engine tok/s':>13} {'ratio':>6}")
+    engine_generate(engine, prompts[:2], 4)                                  # warm-up
+    for batch in batches:
+        with torch.no_grad():
+            n_hf, t_hf = timed(lambda: hf_generate(model, tokenizer, prompts[:batch], args.new_tokens))
+        n_en, t_en = timed(lambda: engine_generate(engine, prompts[:batch], args.new_tokens))
+        print(f"{batch:>5} {n_hf / t_hf:>17.0f} {n_en / t_en:>13.0f} {(n_en / t_en) / (n_hf / t_hf):>5.1f}x")
+    for line in memory_lines(model, args.new_tokens):
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

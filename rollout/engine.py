@@ -1,0 +1,326 @@
+"""The rollout engine: fast generation for hybrid Mamba-2/attention models (``NemotronHForCausalLM``).
+
+Why not ``generate()``: a hybrid model decodes fast only if each sequence keeps one fixed-size Mamba
+state. Here every sequence owns a *slot* in preallocated buffers (conv and SSM states for the Mamba
+layers, a KV cache for the few attention layers); nothing grows by concatenation. A finished sequence
+frees its slot at once and the next waiting prompt takes it (continuous batching), so one long trace
+never holds a whole batch. New prompts are prefilled packed into one row, each from a zero state.
+
+The engine holds its own copy of the weights, refreshed in memory from the trainer by ``load_weights``.
+The Mamba math comes from ``rollout.kernels``: Triton on GPU, the PyTorch reference on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from rollout import kernels
+from rollout.sampling import SamplingParams, choose_tokens, sampling_logprobs
+
+MAMBA, ATTENTION = "linear_attention", "full_attention"
+
+
+@dataclass
+class Completion:
+    """One generated sequence. ``logprobs[i]`` is the log-probability of ``token_ids[i]`` under the
+    sampling distribution; ``forced[i]`` marks tokens the engine wrote itself (the ``</think>`` that
+    ends a spent thinking budget), whose log-probability is the model's own."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
+    forced: list[bool]
+    text: str
+    finish_reason: str          # "stop" (stop token or string) or "length"
+
+
+@dataclass
+class _Sequence:
+    prompt_ids: list[int]
+    generator: torch.Generator
+    thinking: bool
+    slot: int = -1
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    forced: list[bool] = field(default_factory=list)
+    to_force: deque = field(default_factory=deque)
+    thought: int = 0
+    finish_reason: str | None = None
+
+
+class StateCache:
+    """Per-slot decoding state of every layer, allocated once: Mamba conv and SSM states, attention KV."""
+
+    def __init__(self, model: Any, slots: int, max_length: int, state_dtype: torch.dtype = torch.float32):
+        config, param = model.config, next(model.parameters())
+        self.max_length = max_length
+        self.conv: dict[int, torch.Tensor] = {}
+        self.ssm: dict[int, torch.Tensor] = {}
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        for i, block in enumerate(model.model.layers):
+            mixer = block.mixer
+            if block.block_type == MAMBA:
+                self.conv[i] = param.new_zeros(slots, mixer.conv_dim, mixer.conv_kernel_size - 1)
+                self.ssm[i] = param.new_zeros(slots, mixer.num_heads, mixer.head_dim, mixer.ssm_state_size,
+                                              dtype=state_dtype)
+            elif block.block_type == ATTENTION:
+                shape = (slots, config.num_key_value_heads, max_length, mixer.head_dim)
+                self.keys[i], self.values[i] = param.new_zeros(shape), param.new_zeros(shape)
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=param.device)
+
+    def mamba_bytes_per_sequence(self) -> int:
+        """Conv plus SSM state of one sequence: fixed, whatever its length."""
+        return sum(t[0].numel() * t.element_size() for t in (*self.conv.values(), *self.ssm.values()))
+
+    def kv_bytes_per_token(self) -> int:
+        """KV cache of one token of one sequence over all attention layers."""
+        return sum(t[0, :, 0].numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
+
+
+def unwrap(model: Any) -> Any:
+    """The bare model inside a DDP / accelerate wrapper."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+class RolloutEngine:
+    """Generates for batches of prompts with continuous batching over ``max_batch`` state slots."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = 64, max_length: int = 4096,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        model = unwrap(model)
+        self.model = copy.deepcopy(model).to(device=device or next(model.parameters()).device, dtype=dtype)
+        self.model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.max_batch, self.max_length = max_batch, max_length
+        self.cache: StateCache | None = None
+        self.think_start = tokenizer.encode("<think>", add_special_tokens=False)
+        self.think_end = tokenizer.encode("</think>", add_special_tokens=False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def load_weights(self, source: Any) -> None:
+        """Copy the trainer's current weights (a model or a state dict) into the engine, in memory."""
+        state = source if isinstance(source, dict) else unwrap(source).state_dict()
+        own = self.model.state_dict()
+        if missing := sorted(set(own) - set(state)):
+            raise KeyError(f"load_weights: the source has no {missing[:3]} (and {max(len(missing) - 3, 0)} more)")
+        for name, tensor in own.items():
+            tensor.copy_(state[name])
+
+    # ---- generation -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int] | str], params: SamplingParams,
+                 progress: bool = False) -> list[Completion]:
+        """Completions in the order of ``prompts`` (token ids, or text encoded without special tokens)."""
+        ids = [self.tokenizer.encode(p, add_special_tokens=False) if isinstance(p, str) else list(p)
+               for p in prompts]
+        if any(not p for p in ids):
+            raise ValueError("generate: empty prompt")
+        need = max(len(p) for p in ids) + params.max_new_tokens
+        if need > self.max_length:
+            raise ValueError(f"generate: prompt plus max_new_tokens is {need} tokens, over max_length "
+                             f"{self.max_length} of the engine")
+        if self.cache is None:
+            self.cache = StateCache(self.model, self.max_batch, self.max_length)
+        stops = set(params.stop_token_ids if params.stop_token_ids is not None else [self.tokenizer.eos_token_id])
+        seqs = [_Sequence(p, torch.Generator(self.device).manual_seed(params.seed * 1_000_003 + i),
+                          thinking=self._opens_thinking(p)) for i, p in enumerate(ids)]
+        waiting, running = deque(seqs), []
+        free = list(range(self.max_batch - 1, -1, -1))
+        bar = tqdm(total=len(seqs), desc="rollout", disable=not progress, leave=False)
+        while waiting or running:
+            admitted = []
+            while waiting and free:
+                admitted.append(waiting.popleft())
+                admitted[-1].slot = free.pop()
+            if admitted:
+                self._choose(admitted, self._prefill(admitted), params)
+                running += admitted
+            running = self._retire(running, stops, params, free, bar)
+            if running:
+                self._choose(running, self._decode(running), params)
+                running = self._retire(running, stops, params, free, bar)
+        bar.close()
+        return [self._completion(s, stops, params) for s in seqs]
+
+    def _opens_thinking(self, prompt: list[int]) -> bool:
+        """Whether the prompt leaves a ``<think>`` block open for the model to reason in."""
+        text = self.tokenizer.decode(prompt[-16:], skip_special_tokens=False)
+        return text.rfind("<think>") > text.rfind("</think>")
+
+    def _choose(self, seqs: list[_Sequence], logits: torch.Tensor, params: SamplingParams) -> None:
+        """Pick each sequence's next token (or the forced one) and record its log-probability."""
+        logprobs = sampling_logprobs(logits, params)
+        tokens = choose_tokens(logprobs, params, [s.generator for s in seqs])
+        forcing = [bool(s.to_force) for s in seqs]
+        if any(forcing):
+            model_logprobs = torch.log_softmax(logits.float(), dim=-1)
+            tokens = torch.tensor([s.to_force.popleft() if f else t for s, f, t in zip(seqs, forcing, tokens.tolist())],
+                                  device=logits.device)
+            logprobs = torch.where(torch.tensor(forcing, device=logits.device)[:, None], model_logprobs, logprobs)
+        chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
+        for seq, token, logprob, was_forced in zip(seqs, tokens.tolist(), chosen, forcing):
+            seq.tokens.append(token)
+            seq.logprobs.append(logprob)
+            seq.forced.append(was_forced)
+            self._track_thinking(seq, params)
+
+    def _track_thinking(self, seq: _Sequence, params: SamplingParams) -> None:
+        """Count thinking tokens; when the budget is spent, queue ``</think>`` to be written next."""
+        if not seq.thinking:
+            return
+        if seq.tokens[-len(self.think_end):] == self.think_end:
+            seq.thinking = False
+        elif not seq.to_force:
+            seq.thought += 1
+            if params.thinking_budget is not None and seq.thought >= params.thinking_budget:
+                seq.to_force.extend(self.think_end)
+
+    def _retire(self, running: list[_Sequence], stops: set[int], params: SamplingParams, free: list[int],
+                bar: tqdm) -> list[_Sequence]:
+        """Mark finished sequences and give their slots back; returns those still running."""
+        still = []
+        for seq in running:
+            if seq.tokens[-1] in stops and not seq.forced[-1] or self._stop_string(seq, params) is not None:
+                seq.finish_reason = "stop"
+            elif len(seq.tokens) >= params.max_new_tokens:
+                seq.finish_reason = "length"
+            if seq.finish_reason is None:
+                still.append(seq)
+            else:
+                free.append(seq.slot)
+                bar.update()
+        return still
+
+    def _stop_string(self, seq: _Sequence, params: SamplingParams) -> int | None:
+        """Character offset of a stop string in the completion's recent text, if one just appeared."""
+        if not params.stop_strings:
+            return None
+        window = max(len(s) for s in params.stop_strings) + 8
+        tail = self.tokenizer.decode(seq.tokens[-window:], skip_special_tokens=False)
+        hits = [tail.find(s) for s in params.stop_strings if s in tail]
+        return min(hits) if hits else None
+
+    def _completion(self, seq: _Sequence, stops: set[int], params: SamplingParams) -> Completion:
+        body = seq.tokens[:-1] if seq.tokens[-1] in stops and not seq.forced[-1] else seq.tokens
+        text = self.tokenizer.decode(body, skip_special_tokens=False)
+        cut = [text.find(s) for s in params.stop_strings if s in text]
+        return Completion(seq.prompt_ids, seq.tokens, seq.logprobs, seq.forced, text[: min(cut)] if cut else text,
+                          seq.finish_reason or "length")
+
+    # ---- the model, prefill and decode --------------------------------------------------------------------
+
+    def _prefill(self, seqs: list[_Sequence]) -> torch.Tensor:
+        """Run the packed prompts, fill their slots; returns the logits [len(seqs), vocab] after each."""
+        device = self.device
+        ids = torch.tensor([t for s in seqs for t in s.prompt_ids], device=device)[None]
+        lengths = torch.tensor([len(s.prompt_ids) for s in seqs], device=device)
+        cu = F.pad(lengths.cumsum(0), (1, 0))
+        slots = torch.tensor([s.slot for s in seqs], device=device)
+        hidden = self.model.model.embeddings(ids)
+        for i, block in enumerate(self.model.model.layers):
+            x = block.norm(hidden.to(block.norm.weight.dtype))
+            if block.block_type == MAMBA:
+                x = self._mamba_prefill(i, block.mixer, x, cu, slots)
+            elif block.block_type == ATTENTION:
+                x = self._attention_prefill(i, block.mixer, x, cu, slots)
+            else:
+                x = block.mixer(x)
+            hidden = hidden + x
+        self.cache.lengths[slots] = lengths
+        return self._logits(hidden[0, cu[1:] - 1])
+
+    def _decode(self, seqs: list[_Sequence]) -> torch.Tensor:
+        """Feed each sequence's last token; returns the next-token logits [len(seqs), vocab]."""
+        device = self.device
+        tokens = torch.tensor([s.tokens[-1] for s in seqs], device=device)
+        slots = torch.tensor([s.slot for s in seqs], device=device)
+        positions = self.cache.lengths[slots]
+        hidden = self.model.model.embeddings(tokens)
+        for i, block in enumerate(self.model.model.layers):
+            x = block.norm(hidden.to(block.norm.weight.dtype))
+            if block.block_type == MAMBA:
+                x = self._mamba_step(i, block.mixer, x, slots)
+            elif block.block_type == ATTENTION:
+                x = self._attention_step(i, block.mixer, x, slots, positions)
+            else:
+                x = block.mixer(x)
+            hidden = hidden + x
+        self.cache.lengths[slots] = positions + 1
+        return self._logits(hidden)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.model.model.norm_f(hidden)).float()
+
+    @staticmethod
+    def _mamba_split(mixer: Any, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return projected.split([mixer.intermediate_size, mixer.conv_dim, mixer.num_heads], dim=-1)
+
+    def _mamba_prefill(self, i: int, mixer: Any, x: torch.Tensor, cu: torch.Tensor, slots: torch.Tensor):
+        total = x.shape[1]
+        gate, xbc, dt = self._mamba_split(mixer, mixer.in_proj(x))
+        xbc, conv_states = kernels.causal_conv1d(xbc, mixer.conv1d.weight[:, 0], mixer.conv1d.bias, cu_seqlens=cu)
+        self.cache.conv[i][slots] = conv_states.to(self.cache.conv[i].dtype)
+        xs, B, C = xbc.split([mixer.intermediate_size, *2 * [mixer.n_groups * mixer.ssm_state_size]], dim=-1)
+        groups = (1, total, mixer.n_groups, mixer.ssm_state_size)
+        y, states = kernels.ssd_scan(
+            xs.reshape(1, total, mixer.num_heads, mixer.head_dim), dt, -torch.exp(mixer.A_log.float()),
+            B.reshape(groups), C.reshape(groups), mixer.D, mixer.dt_bias, chunk_size=mixer.chunk_size,
+            dt_limit=mixer.time_step_limit, cu_seqlens=cu)
+        self.cache.ssm[i][slots] = states.to(self.cache.ssm[i].dtype)
+        return mixer.out_proj(mixer.norm(y.reshape(1, total, -1), gate).to(x.dtype))
+
+    def _mamba_step(self, i: int, mixer: Any, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        gate, xbc, dt = self._mamba_split(mixer, mixer.in_proj(x))
+        xbc = kernels.causal_conv1d_update(xbc, self.cache.conv[i], mixer.conv1d.weight[:, 0], mixer.conv1d.bias,
+                                           slot_idx=slots)
+        xs, B, C = xbc.split([mixer.intermediate_size, *2 * [mixer.n_groups * mixer.ssm_state_size]], dim=-1)
+        groups = (batch, mixer.n_groups, mixer.ssm_state_size)
+        y = kernels.selective_state_update(
+            self.cache.ssm[i], xs.reshape(batch, mixer.num_heads, mixer.head_dim), dt,
+            -torch.exp(mixer.A_log.float()), B.reshape(groups), C.reshape(groups), mixer.D, mixer.dt_bias,
+            slot_idx=slots, dt_limit=mixer.time_step_limit)
+        return mixer.out_proj(mixer.norm(y.reshape(batch, -1), gate).to(x.dtype))
+
+    @staticmethod
+    def _heads(attn: Any, x: torch.Tensor, proj: Any) -> torch.Tensor:
+        """[..., tokens, hidden] -> [..., heads, tokens, head_dim]."""
+        return proj(x).unflatten(-1, (-1, attn.head_dim)).transpose(-3, -2)
+
+    def _attention_prefill(self, i: int, attn: Any, x: torch.Tensor, cu: torch.Tensor, slots: torch.Tensor):
+        q, k, v = (self._heads(attn, x[0], p) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+        out = torch.empty_like(q)
+        for slot, start, end in zip(slots.tolist(), cu[:-1].tolist(), cu[1:].tolist()):
+            self.cache.keys[i][slot, :, : end - start] = k[:, start:end]
+            self.cache.values[i][slot, :, : end - start] = v[:, start:end]
+            out[:, start:end] = F.scaled_dot_product_attention(
+                q[:, start:end], k[:, start:end], v[:, start:end], is_causal=True, scale=attn.scaling,
+                enable_gqa=True)
+        return attn.o_proj(out.transpose(0, 1).flatten(1))[None]
+
+    def _attention_step(self, i: int, attn: Any, x: torch.Tensor, slots: torch.Tensor,
+                        positions: torch.Tensor) -> torch.Tensor:
+        q, k, v = (self._heads(attn, x[:, None], p) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+        self.cache.keys[i][slots, :, positions] = k[:, :, 0]
+        self.cache.values[i][slots, :, positions] = v[:, :, 0]
+        span = int(positions.max()) + 1
+        visible = torch.arange(span, device=x.device)[None] <= positions[:, None]          # [batch, span]
+        out = F.scaled_dot_product_attention(
+            q, self.cache.keys[i][slots, :, :span], self.cache.values[i][slots, :, :span],
+            attn_mask=visible[:, None, None], scale=attn.scaling, enable_gqa=True)
+        return attn.o_proj(out.flatten(1))

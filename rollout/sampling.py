@@ -1,0 +1,70 @@
+"""Sampling settings and the token choice of the rollout engine.
+
+Log-probabilities are taken under the distribution tokens are actually drawn from (after temperature,
+top-k and top-p), which is what an importance-sampling correction in GRPO divides by. Greedy decoding
+reports the model's own log-softmax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """How to generate: ``temperature`` 0 means greedy; ``top_k`` 0 and ``top_p`` 1 disable those filters.
+
+    ``stop_token_ids`` default to the tokenizer's end-of-sequence token. ``thinking_budget`` caps the tokens
+    written inside ``<think>``: once spent, the engine writes ``</think>`` itself and the model answers.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] | None = None
+    stop_strings: tuple[str, ...] = ()
+    thinking_budget: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(f"bad sampling settings: temperature={self.temperature}, top_k={self.top_k}, "
+                             f"top_p={self.top_p}")
+        if self.thinking_budget is not None and self.thinking_budget < 0:
+            raise ValueError(f"thinking_budget must be >= 0, got {self.thinking_budget}")
+
+
+def sampling_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Log-probabilities [batch, vocab] of the distribution tokens are drawn from (-inf where filtered)."""
+    logits = logits.float()
+    if params.temperature == 0:
+        return torch.log_softmax(logits, dim=-1)
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass (the first always stays).
+        drop = (probs.cumsum(-1) - probs) >= params.top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.log_softmax(logits, dim=-1)
+
+
+def choose_tokens(logprobs: torch.Tensor, params: SamplingParams,
+                  generators: list[torch.Generator]) -> torch.Tensor:
+    """One token per row: argmax when greedy, else a draw with each row's own generator.
+
+    A generator per sequence makes a sequence's samples independent of which other sequences share its
+    batch, so a seed reproduces the same completions under any batching.
+    """
+    if params.temperature == 0:
+        return logprobs.argmax(-1)
+    probs = logprobs.exp()
+    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])

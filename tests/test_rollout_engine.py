@@ -1,0 +1,128 @@
+"""The rollout engine against transformers' own forward and generate() on real NemotronH models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.configs import reduced
+from model.factory import build_model
+from rollout.engine import RolloutEngine, StateCache
+from rollout.sampling import SamplingParams, sampling_logprobs
+
+TEXTS = ["What is 12 plus 30?", "Name a prime", "<|im_start|>system\n/think<|im_end|>\n<|im_start|>user\n"
+         "Why is the sky blue? Explain.<|im_end|>\n<|im_start|>assistant\n<think>", "a"]
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    return [tokenizer.encode(t, add_special_tokens=False) for t in TEXTS]
+
+
+@pytest.fixture(scope="module")
+def hybrid_8b_pattern(tokenizer):
+    """Nemotron-H-8B's 52-layer pattern at reduced width, random weights."""
+    return build_model("nemotron-h-8b", tokenizer, seed=1, **reduced("nemotron-h-8b")).eval()
+
+
+def model_logprobs(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """Log-probabilities of ``tokens`` after ``prompt`` from one full forward of the training model."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens])).logits.float()
+    return torch.log_softmax(logits, -1)[0, len(prompt) - 1 : -1].gather(1, torch.tensor(tokens)[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("which", ["tiny", "nemotron-h-8b pattern"])
+def test_greedy_equals_generate_prompt_by_prompt(which, tiny_model, hybrid_8b_pattern, tokenizer, prompts):
+    model = tiny_model.eval() if which == "tiny" else hybrid_8b_pattern
+    engine = RolloutEngine(model, tokenizer, max_batch=3, max_length=128)   # 4 prompts, 3 slots: one waits
+    outs = engine.generate(prompts, SamplingParams(max_new_tokens=24, temperature=0, stop_token_ids=()))
+    for prompt, out in zip(prompts, outs):
+        want = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                              pad_token_id=tokenizer.pad_token_id)[0, len(prompt):].tolist()
+        assert out.token_ids == want
+        torch.testing.assert_close(torch.tensor(out.logprobs), model_logprobs(model, prompt, out.token_ids),
+                                   atol=1e-4, rtol=0)
+
+
+def test_sampled_logprobs_equal_a_full_forward(tiny_model, tokenizer, prompts):
+    engine = RolloutEngine(tiny_model.eval(), tokenizer, max_batch=4, max_length=128)
+    outs = engine.generate(prompts, SamplingParams(max_new_tokens=40, temperature=1.0, seed=3, stop_token_ids=()))
+    for prompt, out in zip(prompts, outs):
+        torch.testing.assert_close(torch.tensor(out.logprobs), model_logprobs(tiny_model, prompt, out.token_ids),
+                                   atol=1e-4, rtol=0)
+
+
+def test_seeded_sampling_does_not_depend_on_batching(tiny_model, tokenizer, prompts):
+    params = SamplingParams(max_new_tokens=30, temperature=0.9, top_k=50, top_p=0.9, seed=7, stop_token_ids=())
+    wide = RolloutEngine(tiny_model, tokenizer, max_batch=4, max_length=128).generate(prompts, params)
+    narrow = RolloutEngine(tiny_model, tokenizer, max_batch=1, max_length=128).generate(prompts, params)
+    assert [o.token_ids for o in wide] == [o.token_ids for o in narrow]
+    other_seed = RolloutEngine(tiny_model, tokenizer, max_batch=4, max_length=128).generate(
+        prompts, SamplingParams(**{**params.__dict__, "seed": 8}))
+    assert [o.token_ids for o in other_seed] != [o.token_ids for o in wide]
+
+
+def test_stop_token_stop_string_and_length(tiny_model, tokenizer, prompts):
+    engine = RolloutEngine(tiny_model, tokenizer, max_batch=4, max_length=128)
+    free = engine.generate(prompts[:1], SamplingParams(max_new_tokens=20, temperature=0, stop_token_ids=()))[0]
+    assert free.finish_reason == "length" and len(free.token_ids) == 20
+    stop = free.token_ids[5]
+    first = free.token_ids.index(stop)
+    cut = engine.generate(prompts[:1], SamplingParams(max_new_tokens=20, temperature=0, stop_token_ids=(stop,)))[0]
+    assert cut.finish_reason == "stop" and cut.token_ids == free.token_ids[: first + 1]
+    assert cut.text == tokenizer.decode(free.token_ids[:first], skip_special_tokens=False)
+    target = tokenizer.decode(free.token_ids[8:10], skip_special_tokens=False)
+    by_text = engine.generate(prompts[:1], SamplingParams(max_new_tokens=20, temperature=0, stop_token_ids=(),
+                                                          stop_strings=(target,)))[0]
+    assert by_text.finish_reason == "stop" and target not in by_text.text
+    assert by_text.text == free.text[: free.text.find(target)]
+
+
+def test_thinking_budget_closes_the_think_block(tiny_model, tokenizer):
+    think = tokenizer.encode("<|im_start|>assistant\n<think>", add_special_tokens=False)
+    no_think = tokenizer.encode("<|im_start|>assistant\n<think></think>", add_special_tokens=False)
+    end = tokenizer.convert_tokens_to_ids("</think>")
+    engine = RolloutEngine(tiny_model, tokenizer, max_batch=2, max_length=128)
+    params = SamplingParams(max_new_tokens=30, temperature=1.0, seed=0, stop_token_ids=(), thinking_budget=6)
+    with_budget, without = engine.generate([think, no_think], params)
+    assert with_budget.token_ids[6] == end and with_budget.forced[6] and sum(with_budget.forced) == 1
+    assert end not in with_budget.token_ids[:6]
+    assert not any(without.forced)
+
+
+def test_load_weights_follows_the_trainer_in_memory(tokenizer, prompts):
+    policy = build_model("tiny", tokenizer, seed=0).eval()
+    engine = RolloutEngine(policy, tokenizer, max_batch=4, max_length=128)
+    params = SamplingParams(max_new_tokens=16, temperature=0, stop_token_ids=())
+    before = engine.generate(prompts, params)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    stale = engine.generate(prompts, params)
+    assert [o.logprobs for o in stale] == [o.logprobs for o in before]     # the engine owns its copy
+    engine.load_weights(policy)
+    for prompt, out in zip(prompts, engine.generate(prompts, params)):
+        torch.testing.assert_close(torch.tensor(out.logprobs), model_logprobs(policy, prompt, out.token_ids),
+                                   atol=1e-4, rtol=0)
+
+
+def test_state_memory_is_fixed_per_sequence(tiny_model):
+    short, long = StateCache(tiny_model, slots=2, max_length=64), StateCache(tiny_model, slots=2, max_length=4096)
+    assert short.mamba_bytes_per_sequence() == long.mamba_bytes_per_sequence() > 0
+    config = tiny_model.config
+    attention_layers = config.layers_block_type.count("full_attention")
+    assert short.kv_bytes_per_token() == 2 * attention_layers * config.num_key_value_heads * config.head_dim * 4
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    top1 = sampling_logprobs(logits, SamplingParams(top_k=1))
+    assert torch.isfinite(top1).tolist() == [[True, False, False, False]]
+    nucleus = sampling_logprobs(logits, SamplingParams(top_p=0.8))
+    assert torch.isfinite(nucleus).tolist() == [[True, True, False, False]]    # 0.665 < 0.8 <= 0.910
+    torch.testing.assert_close(nucleus.exp().sum(), torch.tensor(1.0))
+    hot = sampling_logprobs(logits, SamplingParams(temperature=2.0))
+    torch.testing.assert_close(hot, torch.log_softmax(logits / 2, -1))
+    with pytest.raises(ValueError):
+        SamplingParams(top_p=0.0)
