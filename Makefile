@@ -26,7 +26,7 @@ LAUNCH = $(PY) -m stages.launch --config $(CONFIG) --profile $(PROFILE) \
 	--num-machines "$(NUM_MACHINES)" --machine-rank "$(MACHINE_RANK)" \
 	--main-process-ip "$(MAIN_PROCESS_IP)" --main-process-port "$(MAIN_PROCESS_PORT)"
 
-.PHONY: setup pipeline sft-reasoning sft-chat test test-slow eval
+.PHONY: setup pipeline sft-reasoning sft-chat grpo test test-slow eval
 
 setup: $(STAMP)
 
@@ -41,13 +41,16 @@ $(STAMP): pyproject.toml
 		|| echo "note: install bubblewrap (apt-get install bubblewrap) so the code reward can sandbox code"
 	touch $@
 
-pipeline: sft-reasoning sft-chat
+pipeline: sft-reasoning sft-chat grpo
 
 sft-reasoning: $(STAMP)
 	$(LAUNCH) sft_reasoning
 
 sft-chat: $(STAMP)
 	$(LAUNCH) sft_chat
+
+grpo: $(STAMP)
+	$(LAUNCH) grpo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)

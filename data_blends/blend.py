@@ -9,7 +9,8 @@ A blend file is YAML::
       - {name: chat, kind: jsonl, path: data/chat.jsonl, weight: 1, reasoning_on: 0.0}
 
 ``reasoning_on`` is the share of a source's rows rendered with ``/think``; a row without a reasoning
-trace is always rendered with ``/no_think``.
+trace is always rendered with ``/no_think`` in SFT. RL stages name each source's rewards and weights,
+e.g. ``rewards: {math: 1.0, format: 0.2}``, and use ``reasoning_on`` for the prompts' mode alone.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import yaml
 from data_blends import generators
 from data_blends.loaders import read_hub, read_jsonl, read_parquet
 from data_blends.task import TaskRow
+from rewards import REWARDS
 from stages.schema import ConfigError, from_dict
 
 
@@ -37,6 +39,7 @@ class SourceSpec:
     split: str = "train"
     subset: str | None = None  # hub dataset configuration
     max_rows: int | None = None  # read at most this many rows of a file or hub dataset
+    rewards: dict[str, float] | None = None  # RL stages: reward name (rewards.REWARDS) -> weight
 
 
 @dataclass
@@ -71,6 +74,9 @@ def load_blend(path: str | Path, check_files: bool = True) -> BlendSpec:
         if source.kind == "generator" and source.name not in generators.SOURCES_GENERATED:
             raise ConfigError(f"{where}.name: unknown generator {source.name!r}; "
                               f"generators: {list(generators.SOURCES_GENERATED)}")
+        for reward in source.rewards or {}:
+            if reward not in REWARDS:
+                raise ConfigError(f"{where}.rewards.{reward}: unknown reward; rewards: {sorted(REWARDS)}")
         if source.kind != "generator" and not source.path:
             raise ConfigError(f"{where}.path: required for kind {source.kind!r}")
         if source.kind in ("jsonl", "parquet"):
@@ -98,15 +104,19 @@ def _source_rows(source: SourceSpec, count: int, seed: int) -> list[TaskRow]:
     return [rows[i % len(rows)] for i in range(count)]
 
 
-def build_examples(spec: BlendSpec) -> list[Example]:
-    """Draw the blend's rows, assign each its reasoning mode, and shuffle sources together."""
+def build_examples(spec: BlendSpec, need_trace: bool = True) -> list[Example]:
+    """Draw the blend's rows, assign each its reasoning mode, and shuffle sources together.
+
+    ``need_trace``: a row can only be rendered with /think if it has a reasoning trace (SFT); prompts
+    for RL need none.
+    """
     total_weight = sum(s.weight for s in spec.sources)
     examples: list[Example] = []
     for source in spec.sources:
         count = round(spec.num_examples * source.weight / total_weight)
         rng = random.Random(f"{spec.seed}-mode-{source.name}")
         for row in _source_rows(source, count, spec.seed):
-            think = bool(row["thinking"]) and rng.random() < source.reasoning_on
+            think = (bool(row["thinking"]) or not need_trace) and rng.random() < source.reasoning_on
             examples.append(Example(row=row, think=think))
     random.Random(spec.seed).shuffle(examples)
     return examples

@@ -61,12 +61,35 @@ class EvalSpec:
 
 
 @dataclass
+class GRPOSpec:
+    """GRPO settings beyond the trainer's; names follow TRL's GRPOConfig where they map onto it."""
+    num_generations: int = 8
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    thinking_budget: int | None = None  # the engine closes </think> itself after this many thinking tokens
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    epsilon: float = 0.2
+    epsilon_high: float | None = None  # DAPO's clip-higher; None: same as epsilon
+    beta: float = 0.0  # KL coefficient; 0 loads no reference model
+    importance_sampling: bool = True  # correct for engine-vs-trainer log-probability differences
+    importance_sampling_mode: Literal["token_truncate", "token_mask", "sequence_truncate",
+                                      "sequence_mask"] = "token_truncate"
+    importance_sampling_cap: float = 2.0
+    mask_truncated_completions: bool = True
+    dynamic_sampling: bool = True  # replace groups whose rewards are all equal with fresh prompts
+    max_resample_rounds: int = 3
+    engine_max_batch: int = 64
+
+
+@dataclass
 class StageSpec:
     name: str
-    kind: Literal["sft"]
+    kind: Literal["sft", "grpo"]
     blend: str  # path of a blend YAML, relative to pipeline.yaml
     trainer: TrainerSpec
     eval: EvalSpec = field(default_factory=EvalSpec)
+    grpo: GRPOSpec | None = None  # required for kind grpo
     blend_spec: BlendSpec | None = None  # filled at load time from `blend`
 
 
@@ -93,8 +116,17 @@ class PipelineConfig:
         """A fingerprint of everything that decides a stage's result (its spec, the model, the seed)."""
         stage = dataclasses.asdict(self.stage(name))
         stage.pop("blend")  # where the blend file lies does not matter, its content (blend_spec) does
-        payload = {"stage": stage, "model": dataclasses.asdict(self.model), "seed": self.seed}
+        payload = _without_none({"stage": stage, "model": dataclasses.asdict(self.model), "seed": self.seed})
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _without_none(value: Any) -> Any:
+    """Drop unset (None) settings, so adding an optional setting does not change existing stages' hashes."""
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v) for v in value]
+    return value
 
 
 def deep_merge(base: Any, override: Any) -> Any:
@@ -140,6 +172,10 @@ def load_config(path: str | Path, profile: str = "tiny", check_files: bool = Tru
         if stage.name in seen:
             raise ConfigError(f"{where}.name: duplicate stage name {stage.name!r}")
         seen.add(stage.name)
+        if stage.kind == "grpo" and stage.grpo is None:
+            raise ConfigError(f"{where}.grpo: required for kind 'grpo'")
+        if stage.kind != "grpo" and stage.grpo is not None:
+            raise ConfigError(f"{where}.grpo: only for kind 'grpo' (this stage is {stage.kind!r})")
         blend_path = (path.parent / stage.blend).resolve()
         stage.blend = str(blend_path)
         stage.blend_spec = load_blend(blend_path, check_files=check_files)

@@ -1,0 +1,261 @@
+"""GRPO stage: TRL's GRPOTrainer with rollouts from our engine and rewards from ``rewards/``.
+
+Three pieces plug into TRL rather than replacing its loop:
+
+* ``EngineRollout`` is the trainer's ``rollout_func``: it renders the chat prompts, generates every
+  completion with the rollout engine and returns the sampling log-probabilities. It is also the object
+  TRL asks to sync weights after an optimizer step (TRL's hook is named for vLLM), so the engine
+  follows the policy in memory, and TRL's importance-sampling correction between engine and trainer
+  log-probabilities applies to it.
+* ``SourceReward`` scores one data source with the weighted rewards its blend names and gives ``None``
+  to other sources' rows; one per source, so TRL logs the mean reward of each source.
+* ``GRPOStageTrainer`` adds dynamic sampling: groups whose completions all scored the same carry no
+  gradient and are replaced by fresh prompts until the batch is full.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from datasets import Dataset
+from trl import GRPOConfig, GRPOTrainer
+
+from data_blends.blend import build_examples
+from data_blends.chat import prompt_messages
+from rewards import get_reward, weighted_sum
+from rollout.engine import RolloutEngine
+from rollout.sampling import SamplingParams
+from stages.config import GRPOSpec
+from stages.evaluate import opened_reply
+from stages.runner import StageContext
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is marked experimental in TRL
+
+
+def prompt_dataset(ctx: StageContext) -> Dataset:
+    """The blend's rows as conversational prompts in their assigned mode, with the columns rewards read."""
+    rows = [{"prompt": prompt_messages(e.row, e.think), "source": e.row["source"], "gold": e.row["gold"],
+             "tests": e.row["tests"], "constraints": e.row["constraints"], "reasoning": "on" if e.think else "off"}
+            for e in build_examples(ctx.stage.blend_spec, need_trace=False)]
+    return Dataset.from_list(rows)
+
+
+def render(tokenizer: Any, prompt: list[dict[str, str]]) -> str:
+    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+
+
+class SourceReward:
+    """The weighted sum of one source's rewards, on the full reply text; ``None`` for other sources.
+
+    The reply is rebuilt from the completion's token ids (TRL's decoded text drops special tokens such
+    as ``<think>``) and prefixed with what the generation prompt already opened (``<think>`` or the
+    empty ``<think></think>`` of /no_think), so rewards see what the model wrote in its turn.
+    """
+
+    def __init__(self, source: str, weights: dict[str, float], tokenizer: Any):
+        self.__name__ = source
+        self.source, self.tokenizer = source, tokenizer
+        self.rewards = [get_reward(name) for name in weights]
+        self.weights = list(weights.values())
+        self.stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+
+    def reply(self, prompt: list[dict[str, str]], completion_ids: list[int]) -> str:
+        ids = list(completion_ids)
+        while ids and ids[-1] in self.stop_ids:
+            ids.pop()
+        return opened_reply(render(self.tokenizer, prompt)) + self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def __call__(self, prompts: list, completions: list, completion_ids: list[list[int]], source: list[str],
+                 log_metric: Any = None, **columns: Any) -> list[float | None]:
+        mine = [i for i, s in enumerate(source) if s == self.source]
+        scores: list[float | None] = [None] * len(completions)
+        if not mine:
+            return scores
+        start = time.perf_counter()
+        pick = lambda values: [values[i] for i in mine]  # noqa: E731
+        replies = [self.reply(prompts[i], completion_ids[i]) for i in mine]
+        kwargs = {k: pick(v) for k, v in columns.items() if isinstance(v, list) and len(v) == len(completions)}
+        parts = [reward(prompts=pick(prompts), completions=replies, **kwargs) for reward in self.rewards]
+        for i, value in zip(mine, weighted_sum(parts, self.weights)):
+            scores[i] = value
+        if log_metric is not None:
+            log_metric(f"unscorable/{self.source}", sum(scores[i] is None for i in mine) / len(mine))
+            log_metric(f"time/scoring_{self.source}_s", time.perf_counter() - start)
+        return scores
+
+
+class EngineRollout:
+    """TRL ``rollout_func`` backed by the rollout engine, and TRL's weight-sync hook for it."""
+
+    def __init__(self, spec: GRPOSpec, tokenizer: Any, seed: int, max_prompt_length: int):
+        self.spec, self.tokenizer, self.seed = spec, tokenizer, seed
+        self.max_length = max_prompt_length + spec.max_new_tokens
+        self.engine: RolloutEngine | None = None
+        self.trainer: GRPOTrainer | None = None
+        self.calls: tuple[int, int] = (-1, 0)  # (global step, calls within it): seeds survive a resume
+
+    def attach(self, trainer: GRPOTrainer) -> None:
+        self.trainer = trainer
+
+    def sync_weights(self) -> None:
+        """Copy the policy's current weights into the engine (in memory; under ZeRO-3/FSDP, gathered)."""
+        if self.engine is not None:
+            self.engine.load_weights(self.trainer.accelerator.get_state_dict(self.trainer.model))
+
+    def _engine(self, trainer: GRPOTrainer) -> RolloutEngine:
+        if self.engine is None:
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            self.engine = RolloutEngine(model, self.tokenizer, max_batch=self.spec.engine_max_batch,
+                                        max_length=self.max_length)
+        return self.engine
+
+    def _seed(self, trainer: GRPOTrainer) -> int:
+        step, count = self.calls
+        self.calls = (trainer.state.global_step, count + 1 if step == trainer.state.global_step else 0)
+        return hash((self.seed, trainer.accelerator.process_index, *self.calls)) % (2**31)
+
+    def __call__(self, prompts: list[list[dict[str, str]]], trainer: GRPOTrainer) -> dict[str, Any]:
+        texts = [render(self.tokenizer, p) for p in prompts]
+        ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        params = SamplingParams(max_new_tokens=self.spec.max_new_tokens, temperature=self.spec.temperature,
+                                seed=self._seed(trainer), thinking_budget=self.spec.thinking_budget)
+        start = time.perf_counter()
+        outs = self._engine(trainer).generate(ids, params)
+        trainer._log_metric("time/generation_s", time.perf_counter() - start)
+        for mode in ("think", "no_think"):
+            chosen = [o for o, t in zip(outs, texts) if (opened_reply(t) == "<think>") == (mode == "think")]
+            if chosen:
+                lengths = [len(o.token_ids) for o in chosen]
+                trainer._log_metric(f"completions/{mode}/mean_length", sum(lengths) / len(lengths))
+                trainer._log_metric(f"completions/{mode}/max_length", max(lengths))
+                trainer._log_metric(f"completions/{mode}/truncated",
+                                    sum(o.finish_reason == "length" for o in chosen) / len(chosen))
+        return {"prompt_ids": [o.prompt_ids for o in outs], "completion_ids": [o.token_ids for o in outs],
+                "logprobs": [o.logprobs for o in outs]}
+
+
+def informative_rows(advantages: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per row: does its group carry signal (not every advantage exactly 0, i.e. rewards not all equal)?"""
+    groups = advantages.view(-1, group_size)
+    return (groups != 0).any(dim=1).repeat_interleave(group_size)
+
+
+LEFT_PADDED = ("prompt_ids", "prompt_mask")
+
+
+def merge_batches(parts: list[dict[str, Any]], rows: list[torch.Tensor], size: int) -> dict[str, Any]:
+    """Concatenate the chosen rows of several scored batches into one of ``size`` rows.
+
+    Prompts are left-padded and everything per token right-padded, as TRL builds them; the token count
+    ``num_items_in_batch`` is left to the caller, since it spans all processes.
+    """
+    merged: dict[str, Any] = {}
+    for key in parts[0]:
+        if key == "num_items_in_batch":
+            continue
+        pieces = [part[key][keep] for part, keep in zip(parts, rows)]
+        if pieces[0].dim() > 1:
+            width = max(p.shape[1] for p in pieces)
+            side = (1, 0) if key in LEFT_PADDED else (0, 1)
+            pieces = [torch.nn.functional.pad(p, tuple(s * (width - p.shape[1]) for s in side)) for p in pieces]
+        merged[key] = torch.cat(pieces)[:size]
+    return merged
+
+
+class GRPOStageTrainer(GRPOTrainer):
+    """GRPOTrainer with the rollout engine as its generation backend and dynamic sampling."""
+
+    def __init__(self, *args: Any, rollout: EngineRollout, spec: GRPOSpec, **kwargs: Any):
+        super().__init__(*args, rollout_func=rollout, **kwargs)
+        rollout.attach(self)
+        self.spec = spec
+        # TRL applies its importance-sampling correction and weight sync to an external generation
+        # backend it calls vLLM; ours takes that role.
+        self.use_vllm, self.vllm_generation, self._last_loaded_step = True, rollout, -1
+        self.vllm_importance_sampling_correction = spec.importance_sampling
+
+    def _fresh_inputs(self, count: int, attempt: int) -> list[dict[str, Any]]:
+        """``count`` prompts, each repeated for a group, drawn deterministically from (step, attempt)."""
+        rng = random.Random(f"{self.args.seed}-{self.state.global_step}-{attempt}-{self.accelerator.process_index}")
+        rows = [self.train_dataset[rng.randrange(len(self.train_dataset))] for _ in range(count)]
+        return [dict(row) for row in rows for _ in range(self.num_generations)]
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        output = super()._generate_and_score_completions(inputs)
+        if not (self.spec.dynamic_sampling and self.model.training):
+            return output
+        size, group = len(inputs), self.num_generations
+        if size % group:
+            raise ValueError(f"dynamic sampling needs whole groups per process: {size} rows, groups of {group}")
+        parts, keeps = [output], [informative_rows(output["advantages"], group)]
+        self._metrics["train"]["dynamic_sampling/zero_variance_share"].append(1 - keeps[0].float().mean().item())
+        attempt = 0
+        while attempt < self.spec.max_resample_rounds:
+            missing = torch.tensor([size - sum(int(k.sum()) for k in keeps)], device=self.accelerator.device)
+            if self.accelerator.gather(missing).max() <= 0:
+                break
+            attempt += 1
+            parts.append(super()._generate_and_score_completions(self._fresh_inputs(size // group, attempt)))
+            keeps.append(informative_rows(parts[-1]["advantages"], group))
+        self._metrics["train"]["dynamic_sampling/resample_rounds"].append(attempt)
+        # Still short after the last round: top up with uninformative groups (zero advantage, no gradient).
+        keeps.append(~keeps[0])
+        parts.append(output)
+        merged = merge_batches(parts, keeps, size)
+        merged["num_items_in_batch"] = self.accelerator.gather(merged["completion_mask"].sum()).sum()
+        return merged
+
+
+def training_args(ctx: StageContext) -> GRPOConfig:
+    spec, grpo = ctx.stage.trainer, ctx.stage.grpo
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(ctx.dir / "tensorboard")
+    return GRPOConfig(
+        output_dir=str(ctx.checkpoints),
+        max_steps=spec.max_steps,
+        learning_rate=spec.learning_rate,
+        per_device_train_batch_size=spec.per_device_train_batch_size,
+        gradient_accumulation_steps=spec.gradient_accumulation_steps,
+        lr_scheduler_type=spec.lr_scheduler_type,
+        warmup_steps=spec.warmup_steps,
+        weight_decay=spec.weight_decay,
+        max_grad_norm=spec.max_grad_norm,
+        logging_steps=spec.logging_steps,
+        save_steps=spec.save_steps,
+        save_total_limit=spec.save_total_limit,
+        bf16=spec.bf16,
+        gradient_checkpointing=spec.gradient_checkpointing,
+        seed=ctx.config.seed,
+        data_seed=ctx.config.seed,
+        report_to=["tensorboard"],
+        use_cpu=not torch.cuda.is_available(),
+        num_generations=grpo.num_generations,
+        max_completion_length=grpo.max_new_tokens,
+        temperature=grpo.temperature,
+        loss_type=grpo.loss_type,
+        scale_rewards=grpo.scale_rewards,
+        epsilon=grpo.epsilon,
+        epsilon_high=grpo.epsilon_high,
+        beta=grpo.beta,
+        mask_truncated_completions=grpo.mask_truncated_completions,
+        vllm_importance_sampling_correction=grpo.importance_sampling,
+        vllm_importance_sampling_mode=grpo.importance_sampling_mode,
+        vllm_importance_sampling_clip_max=grpo.importance_sampling_cap,
+        save_only_model=False,
+    )
+
+
+def reward_functions(ctx: StageContext, tokenizer: Any) -> list[SourceReward]:
+    return [SourceReward(s.name, s.rewards, tokenizer) for s in ctx.stage.blend_spec.sources if s.rewards]
+
+
+def build_trainer(ctx: StageContext, model: torch.nn.Module, tokenizer: Any) -> GRPOStageTrainer:
+    with PartialState().main_process_first():
+        dataset = prompt_dataset(ctx)
+    rollout = EngineRollout(ctx.stage.grpo, tokenizer, ctx.config.seed, ctx.stage.trainer.max_length)
+    return GRPOStageTrainer(model=model, args=training_args(ctx), train_dataset=dataset, processing_class=tokenizer,
+                            reward_funcs=reward_functions(ctx, tokenizer), rollout=rollout, spec=ctx.stage.grpo)

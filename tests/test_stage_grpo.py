@@ -1,0 +1,113 @@
+"""The GRPO stage's pieces on a real tiny model: rollout contract, weight sync, dynamic sampling, masking, IS."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from model.factory import build_model
+from stages.config import load_config
+from stages.grpo import SourceReward, build_trainer, informative_rows, merge_batches
+from stages.runner import StageContext
+
+GRPO_STAGE = {
+    "name": "grpo", "kind": "grpo", "blend": "blend.yaml",
+    "trainer": {"max_steps": 1, "learning_rate": 5e-3, "per_device_train_batch_size": 8, "max_length": 128,
+                "logging_steps": 1, "save_steps": 100},
+    "grpo": {"num_generations": 4, "max_new_tokens": 12, "engine_max_batch": 8},
+}
+
+
+def make_trainer(tmp_path, tokenizer, model, **grpo):
+    blend = {"num_examples": 40, "seed": 0, "sources": [
+        {"name": "math", "kind": "generator", "reasoning_on": 0.5, "rewards": {"math": 1.0}},
+        {"name": "code", "kind": "generator", "reasoning_on": 0.5, "rewards": {"format": 1.0}}]}
+    (tmp_path / "blend.yaml").write_text(yaml.safe_dump(blend))
+    stage = {**GRPO_STAGE, "grpo": {**GRPO_STAGE["grpo"], **grpo}}
+    doc = {"run_dir": "run", "model": {"name": "tiny"}, "stages": [stage], "profiles": {"tiny": {}}}
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(doc))
+    config = load_config(tmp_path / "pipeline.yaml")
+    return build_trainer(StageContext(config, config.stages[0]), model, tokenizer)
+
+
+def policy_logprobs(model, prompt_ids, completion_ids):
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + completion_ids])).logits.float()
+    return torch.log_softmax(logits, -1)[0, len(prompt_ids) - 1 : -1].gather(
+        1, torch.tensor(completion_ids)[:, None])[:, 0]
+
+
+def test_rollout_func_contract_and_weight_sync(tmp_path, tokenizer):
+    model = build_model("tiny", tokenizer, seed=0)
+    trainer = make_trainer(tmp_path, tokenizer, model)
+    prompts = [trainer.train_dataset[i]["prompt"] for i in range(3) for _ in range(2)]
+    out = trainer.rollout_func(prompts, trainer)
+    assert set(out) == {"prompt_ids", "completion_ids", "logprobs"}
+    assert len(out["completion_ids"]) == len(prompts) and all(len(c) <= 12 for c in out["completion_ids"])
+    assert out["prompt_ids"][0] == tokenizer.apply_chat_template(prompts[0], add_generation_prompt=True,
+                                                                 tokenize=True, return_dict=False)
+    for p, c, lp in zip(out["prompt_ids"], out["completion_ids"], out["logprobs"]):
+        torch.testing.assert_close(torch.tensor(lp), policy_logprobs(model, p, c), atol=1e-4, rtol=0)
+
+    trainer.train()                                              # one optimizer step changes the policy
+    trainer.vllm_generation.sync_weights()
+    out = trainer.rollout_func(prompts, trainer)
+    for p, c, lp in zip(out["prompt_ids"], out["completion_ids"], out["logprobs"]):
+        torch.testing.assert_close(torch.tensor(lp), policy_logprobs(trainer.model, p, c), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("mask_truncated", [True, False])
+def test_scored_batch_masks_truncation_and_corrects_sampling(tmp_path, tokenizer, mask_truncated):
+    trainer = make_trainer(tmp_path, tokenizer, build_model("tiny", tokenizer, seed=0), dynamic_sampling=False,
+                           mask_truncated_completions=mask_truncated, importance_sampling_cap=2.0)
+    inputs = [dict(trainer.train_dataset[i]) for i in range(2) for _ in range(4)]
+    trainer.model.train()
+    out = trainer._generate_and_score_completions(inputs)
+    truncated = out["completion_ids"][:, -1] != tokenizer.pad_token_id
+    assert truncated.any()                                       # an untrained model rarely stops in 12 tokens
+    assert (out["completion_mask"][truncated] == 0).all() == mask_truncated
+    mask = out["completion_mask"]
+    gap = (out["old_per_token_logps"] - out["sampling_per_token_logps"]) * mask
+    torch.testing.assert_close(out["importance_sampling_ratio"], torch.exp(gap).clamp(max=2.0))
+    if not mask_truncated:   # same fp32 math on CPU: engine and trainer log-probabilities agree closely
+        assert mask.sum() > 0 and gap.abs().max() < 1e-4
+
+
+def test_dynamic_sampling_fills_the_batch_with_informative_groups(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer, build_model("tiny", tokenizer, seed=0), max_resample_rounds=6)
+    # The untrained model never solves math (all-zero groups); code rows are scored by a reward that varies.
+    odd = lambda prompts, completions, completion_ids, source, **kw: [  # noqa: E731
+        float(c[0] % 2) if s == "code" else (0.0 if s == "math" else None)
+        for c, s in zip(completion_ids, source)]
+    odd.__name__ = "first_token_parity"
+    trainer.reward_funcs, trainer.reward_func_names = [odd], ["first_token_parity"]
+    trainer.reward_processing_classes, trainer.reward_weights = [None], torch.ones(1)
+    math_rows = [dict(r) for r in trainer.train_dataset if r["source"] == "math"][:2]
+    inputs = [r for r in math_rows for _ in range(4)]
+    trainer.model.train()
+    out = trainer._generate_and_score_completions(inputs)
+    assert out["advantages"].shape == (8,) and informative_rows(out["advantages"], 4).all()
+    assert trainer._metrics["train"]["dynamic_sampling/zero_variance_share"][-1] == 1.0
+    assert out["num_items_in_batch"] == out["completion_mask"].sum()
+
+
+def test_merge_batches_pads_each_side():
+    a = {"prompt_ids": torch.tensor([[5, 6], [7, 8]]), "completion_ids": torch.tensor([[1], [2]]),
+         "advantages": torch.tensor([0.0, 1.0]), "num_items_in_batch": torch.tensor(2)}
+    b = {"prompt_ids": torch.tensor([[9, 9, 9]]), "completion_ids": torch.tensor([[3, 4]]),
+         "advantages": torch.tensor([2.0]), "num_items_in_batch": torch.tensor(2)}
+    merged = merge_batches([a, b], [torch.tensor([False, True]), torch.tensor([True])], size=2)
+    assert merged["prompt_ids"].tolist() == [[0, 7, 8], [9, 9, 9]]
+    assert merged["completion_ids"].tolist() == [[2, 0], [3, 4]]
+    assert merged["advantages"].tolist() == [1.0, 2.0] and "num_items_in_batch" not in merged
+
+
+def test_source_reward_sees_the_whole_reply(tokenizer):
+    reward = SourceReward("math", {"math": 1.0, "format": 0.5}, tokenizer)
+    prompt = [{"role": "system", "content": "/no_think"}, {"role": "user", "content": "What is 2+3?"}]
+    right = tokenizer.encode("The answer is \\boxed{5}", add_special_tokens=False) + [tokenizer.eos_token_id]
+    wrong = tokenizer.encode("\\boxed{6}", add_special_tokens=False)
+    scores = reward(prompts=[prompt] * 3, completions=["", "", ""], completion_ids=[right, wrong, right],
+                    source=["math", "math", "code"], gold=["5", "5", ""])
+    assert scores == [1.5, 0.5, None]                            # format sees the prompt's <think></think>
