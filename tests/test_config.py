@@ -52,6 +52,9 @@ def test_full_size_profile_overrides_the_base():
     (lambda d: d["profiles"]["tiny"].update(stages={"sft_chatt": {}}), "profiles.tiny.stages.sft_chatt: unknown stage"),
     (lambda d: d["stages"][0].update(blend="missing.yaml"), "missing.yaml: blend file not found"),
     (lambda d: d["stages"][1].update(name="sft_reasoning"), "duplicate stage name"),
+    (lambda d: d["stages"][2].pop("grpo"), "stages[2].grpo: required for kind 'grpo'"),
+    (lambda d: d["stages"][0].update(grpo={}), "stages[0].grpo: only for kind 'grpo'"),
+    (lambda d: d["stages"][2]["grpo"].update(loss_type="ppo"), "stages[2].grpo.loss_type: 'ppo' is not one of"),
 ])
 def test_bad_pipeline_names_the_key(tmp_path, mutate, message):
     path = _pipeline(tmp_path, mutate)
@@ -64,8 +67,8 @@ def test_unknown_profile_and_stage(tmp_path):
     path = _pipeline(tmp_path)
     with pytest.raises(ConfigError, match="unknown profile 'huge'"):
         load_config(path, "huge")
-    with pytest.raises(ConfigError, match="unknown stage 'grpo'"):
-        load_config(path).stage("grpo")
+    with pytest.raises(ConfigError, match="unknown stage 'dpo'"):
+        load_config(path).stage("dpo")
 
 
 @pytest.mark.parametrize("blend, message", [
