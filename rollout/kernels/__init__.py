@@ -1,17 +1,52 @@
 """Scan kernels of the rollout engine: Triton on GPU, the PyTorch reference of the same math on CPU.
 
-The engine calls the names without suffix (``ssd_scan``, ``selective_state_update``, ``causal_conv1d``,
-``causal_conv1d_update``); each picks the Triton op for CUDA tensors and the ``*_ref`` otherwise.
+Every op has three names with one signature:
+
+- ``<op>`` (``ssd_scan``, ``selective_state_update``, ``causal_conv1d``, ``causal_conv1d_update``): what the
+  engine calls; it runs ``<op>_triton`` when the first tensor argument is on CUDA and ``<op>_ref`` otherwise.
+- ``<op>_triton``: the Triton kernels (CPU tensors too, under ``TRITON_INTERPRET=1``, which the tests use).
+- ``<op>_ref``: the PyTorch reference, the executable spec the kernels are tested against.
+
+Triton is a declared dependency (it ships with every CUDA build of torch), so the device alone decides.
+Note that ``rollout.kernels.ssd_scan`` names the dispatcher, which shadows the submodule of the same name:
+reach the submodule's own names with ``from rollout.kernels.ssd_scan import ...``.
 """
 
 from __future__ import annotations
 
+import functools
+from typing import Any, Callable, TypeVar
+
+from rollout.kernels.conv1d import causal_conv1d as causal_conv1d_triton
 from rollout.kernels.conv1d import causal_conv1d_ref, causal_conv1d_update_ref
+from rollout.kernels.conv1d import causal_conv1d_update as causal_conv1d_update_triton
+from rollout.kernels.ssd_scan import ssd_scan as ssd_scan_triton
 from rollout.kernels.ssd_scan import ssd_scan_ref
+from rollout.kernels.state_update import selective_state_update as selective_state_update_triton
 from rollout.kernels.state_update import selective_state_update_ref
 
-# Until the Triton ops land, every name dispatches to its reference.
-ssd_scan = ssd_scan_ref
-selective_state_update = selective_state_update_ref
-causal_conv1d = causal_conv1d_ref
-causal_conv1d_update = causal_conv1d_update_ref
+Op = TypeVar("Op", bound=Callable[..., Any])
+
+
+def _by_device(triton_op: Op, ref: Op) -> Op:
+    """``triton_op`` for CUDA tensors, ``ref`` otherwise, chosen by the first argument's device."""
+    @functools.wraps(triton_op)
+    def op(*args: Any, **kwargs: Any) -> Any:
+        return (triton_op if args[0].is_cuda else ref)(*args, **kwargs)
+
+    op.__module__ = __name__
+    op.__doc__ = f"``{op.__name__}_triton`` on CUDA tensors, ``{ref.__name__}`` otherwise.\n\n{ref.__doc__}"
+    return op  # type: ignore[return-value]
+
+
+ssd_scan = _by_device(ssd_scan_triton, ssd_scan_ref)
+selective_state_update = _by_device(selective_state_update_triton, selective_state_update_ref)
+causal_conv1d = _by_device(causal_conv1d_triton, causal_conv1d_ref)
+causal_conv1d_update = _by_device(causal_conv1d_update_triton, causal_conv1d_update_ref)
+
+__all__ = [
+    "causal_conv1d", "causal_conv1d_ref", "causal_conv1d_triton",
+    "causal_conv1d_update", "causal_conv1d_update_ref", "causal_conv1d_update_triton",
+    "selective_state_update", "selective_state_update_ref", "selective_state_update_triton",
+    "ssd_scan", "ssd_scan_ref", "ssd_scan_triton",
+]

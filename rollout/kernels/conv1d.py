@@ -31,13 +31,14 @@ def _conv1d_kernel(
     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    """out for a (tokens, channels) block of one sequence, in fp32; the sequence's last block also stores its
-    last WIDTH - 1 inputs (zeros before its start) as the conv state."""
+    """out for a (tokens, channels) block of one sequence, in fp32."""
     pid_c = tl.program_id(0).to(tl.int64)
+    length = tl.load(chunk_len_ptr + pid_c)
+    if length == 0:     # a spare row of the chunk table
+        return
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_t = tl.arange(0, BLOCK_T)
     start = tl.load(chunk_start_ptr + pid_c)
-    length = tl.load(chunk_len_ptr + pid_c)
     seq = tl.load(chunk_seq_ptr + pid_c)
     seq_start = tl.load(cu_seqlens_ptr + seq)
     seq_end = tl.load(cu_seqlens_ptr + seq + 1)
@@ -58,12 +59,13 @@ def _conv1d_kernel(
     tl.store(out_ptr + (start + offs_t)[:, None] * stride_o_t + offs_d[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=mask_t[:, None] & mask_d[None, :])
 
-    offs_w = tl.arange(0, BLOCK_W)
-    pos = seq_end - (WIDTH - 1) + offs_w
-    mask_w = mask_d[:, None] & (offs_w < WIDTH - 1)[None, :] & (length > 0) & (start + length == seq_end)
-    kept = tl.load(x_ptr + pos[None, :] * stride_x_t + offs_d[:, None], mask=mask_w & (pos >= seq_start)[None, :],
-                   other=0.0)
-    tl.store(states_ptr + seq * stride_s_s + offs_d[:, None] * stride_s_d + offs_w[None, :], kept, mask=mask_w)
+    if start + length == seq_end:   # the sequence's last block keeps its last WIDTH - 1 inputs for decoding
+        offs_w = tl.arange(0, BLOCK_W)
+        kept_pos = seq_end - (WIDTH - 1) + offs_w
+        mask_w = mask_d[:, None] & (offs_w < WIDTH - 1)[None, :]
+        kept = tl.load(x_ptr + kept_pos[None, :] * stride_x_t + offs_d[:, None],
+                       mask=mask_w & (kept_pos >= seq_start)[None, :], other=0.0)    # zeros before the sequence
+        tl.store(states_ptr + seq * stride_s_s + offs_d[:, None] * stride_s_d + offs_w[None, :], kept, mask=mask_w)
 
 
 @triton.jit
@@ -78,16 +80,19 @@ def _conv1d_update_kernel(
     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_W: tl.constexpr,
 ):
-    """One token through the conv for a block of channels of one row, shifting its slot's state; a padding
-    row (slot < 0) touches no state and writes zeros."""
+    """One token through the conv for a block of channels of one row, shifting its slot's state."""
     pid_b = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_w = tl.arange(0, BLOCK_W)
-    slot = tl.load(slot_ptr + pid_b).to(tl.int64)
-    valid = slot >= 0
     mask_d = offs_d < dim
+    out_ptrs = out_ptr + pid_b * stride_o_b + offs_d
+    slot = tl.load(slot_ptr + pid_b).to(tl.int64)
+    if slot < 0:    # a padding row: zeros out, no state read or written
+        tl.store(out_ptrs, tl.zeros((BLOCK_D,), dtype=out_ptr.dtype.element_ty), mask=mask_d)
+        return
+
     rows = state_ptr + slot * stride_s_slot + offs_d[:, None] * stride_s_d
-    mask = valid & mask_d[:, None]
+    mask = mask_d[:, None]
     # As the reference: the new input joins the window in the state's dtype.
     x = tl.load(x_ptr + pid_b * stride_x_b + offs_d, mask=mask_d, other=0.0).to(state_ptr.dtype.element_ty)[:, None]
 
@@ -104,8 +109,7 @@ def _conv1d_update_kernel(
     if SILU:
         y = y * tl.sigmoid(y)
     tl.store(rows + offs_w[None, :] * stride_s_w, shifted, mask=mask & (offs_w < WIDTH - 1)[None, :])
-    tl.store(out_ptr + pid_b * stride_o_b + offs_d, tl.where(valid, y, 0.0).to(out_ptr.dtype.element_ty),
-             mask=mask_d)
+    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
 _BLOCK_T, _BLOCK_D = 64, 64

@@ -45,10 +45,12 @@ def _chunk_cumsum_kernel(
     """dt and the running sum of dt * A over one chunk, for a block of heads. Past the chunk's end dt is 0,
     so the last column of the running sum is the decay of the whole chunk."""
     pid_c = tl.program_id(0).to(tl.int64)
+    length = tl.load(chunk_len_ptr + pid_c)
+    if length == 0:     # a spare row of the chunk table
+        return
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_q = tl.arange(0, BLOCK_Q)
     start = tl.load(chunk_start_ptr + pid_c)
-    length = tl.load(chunk_len_ptr + pid_c)
     mask_h = offs_h < nheads
     mask = mask_h[:, None] & (offs_q < length)[None, :]
     dt = tl.load(dt_ptr + (start + offs_q)[None, :] * stride_dt_t + offs_h[:, None] * stride_dt_h, mask=mask,
@@ -80,11 +82,13 @@ def _chunk_state_kernel(
     pid_pn = tl.program_id(0)
     pid_c = tl.program_id(1).to(tl.int64)
     pid_h = tl.program_id(2).to(tl.int64)
+    length = tl.load(chunk_len_ptr + pid_c)
+    if length == 0:     # a spare row of the chunk table, never read
+        return
     blocks_n = tl.cdiv(dstate, BLOCK_N)
     offs_p = (pid_pn // blocks_n) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = (pid_pn % blocks_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     start = tl.load(chunk_start_ptr + pid_c)
-    length = tl.load(chunk_len_ptr + pid_c)
     x_ptr += start * stride_x_t + pid_h * stride_x_h
     B_ptr += start * stride_B_t + (pid_h // heads_per_group) * stride_B_g
     dt_ptr += pid_h * stride_dt_h + pid_c * stride_dt_c
@@ -161,11 +165,13 @@ def _chunk_scan_kernel(
     pid_h = tl.program_id(2).to(tl.int64)
     blocks_p = tl.cdiv(headdim, BLOCK_P)
     pid_m = pid_mp // blocks_p
+    length = tl.load(chunk_len_ptr + pid_c)
+    if pid_m * BLOCK_M >= length:   # rows past the chunk's end, or a spare row of the chunk table
+        return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_p = (pid_mp % blocks_p) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_DSTATE)
     start = tl.load(chunk_start_ptr + pid_c)
-    length = tl.load(chunk_len_ptr + pid_c)
     group = pid_h // heads_per_group
     x_ptr += start * stride_x_t + pid_h * stride_x_h
     B_ptr += start * stride_B_t + group * stride_B_g
@@ -204,13 +210,21 @@ def _chunk_scan_kernel(
              acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+# Block sizes are set by hand, not yet timed on a GPU: with these the two tl.dot kernels compile for sm_90 at
+# Nemotron-H shapes (headdim 64, dstate 128, chunk 128) with no register spills for either dot precision
+# (ptxas -v); dstate 256 would spill in the chunk scan.
+_DOT_LAUNCH = dict(num_warps=8, num_stages=2)
+
+
 def _block(size: int, cap: int) -> int:
     """A power-of-two block covering ``size`` up to ``cap``, at least 16 (the smallest tl.dot operand)."""
     return max(16, min(cap, triton.next_power_of_2(size)))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs keep fp32 products (parity with the reference); bf16/fp16 ones, already rounded, use TF32."""
+    """fp32 inputs keep fp32 products (parity with the reference). bf16/fp16 inputs use TF32, which holds them
+    exactly, so C·Bᵀ is exact and only the fp32 operands (states, decay-scaled terms) are rounded to TF32. The
+    operands are always fp32: Triton's interpreter (3.9) multiplies bf16 dot operands as raw bits."""
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
@@ -257,7 +271,7 @@ def _ssd_scan_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
     start, length, _, cu_chunks = _chunk_table(cu_seqlens, ntokens, chunk_size)
     nchunks = start.numel()
     f32 = dict(device=x.device, dtype=torch.float32)
-    dt_out = torch.empty(nheads, nchunks, chunk_size, **f32)
+    dt_out = torch.empty(nchunks, nheads, chunk_size, **f32)
     dA_cs = torch.empty_like(dt_out)
     states = torch.empty(nchunks, nheads, headdim, dstate, **f32)
     final = torch.empty(nseq, nheads, headdim, dstate, **f32)
@@ -268,7 +282,7 @@ def _ssd_scan_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
     _chunk_cumsum_kernel[(nchunks, triton.cdiv(nheads, block_h))](
         dt, A, dt_bias, start, length, dt_out, dA_cs,
         nheads, float(dt_limit[0]), float(dt_limit[1]),
-        dt.stride(0), dt.stride(1), dt_out.stride(0), dt_out.stride(1),
+        dt.stride(0), dt.stride(1), dt_out.stride(1), dt_out.stride(0),
         CHUNK=chunk_size, BLOCK_H=block_h, BLOCK_Q=triton.next_power_of_2(chunk_size))
 
     block_p, block_n = _block(headdim, 64), _block(dstate, 64)
@@ -276,17 +290,17 @@ def _ssd_scan_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
     _chunk_state_kernel[grid](
         x, B, dt_out, dA_cs, start, length, states,
         headdim, dstate, per_group,
-        x.stride(0), x.stride(1), B.stride(0), B.stride(1), dt_out.stride(0), dt_out.stride(1),
+        x.stride(0), x.stride(1), B.stride(0), B.stride(1), dt_out.stride(1), dt_out.stride(0),
         states.stride(0), states.stride(1), states.stride(2),
         CHUNK=chunk_size, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_K=_block(chunk_size, 32),
-        DOT_PRECISION=precision)
+        DOT_PRECISION=precision, **_DOT_LAUNCH)
 
     block = _block(headdim * dstate, 512)
     init = initial_states if initial_states is not None else final    # a placeholder pointer when absent
     _state_passing_kernel[(triton.cdiv(headdim * dstate, block), nseq, nheads)](
         states, dA_cs, cu_chunks, init, final,
         headdim * dstate,
-        states.stride(0), states.stride(1), dA_cs.stride(0), dA_cs.stride(1), init.stride(0), init.stride(1),
+        states.stride(0), states.stride(1), dA_cs.stride(1), dA_cs.stride(0), init.stride(0), init.stride(1),
         final.stride(0), final.stride(1),
         CHUNK=chunk_size, HAS_INIT=initial_states is not None, BLOCK=block)
 
@@ -295,10 +309,10 @@ def _ssd_scan_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
     _chunk_scan_kernel[grid](
         x, B, C, dt_out, dA_cs, states, D, start, length, y,
         headdim, dstate, per_group,
-        x.stride(0), x.stride(1), B.stride(0), B.stride(1), C.stride(0), C.stride(1), dt_out.stride(0),
-        dt_out.stride(1), states.stride(0), states.stride(1), states.stride(2), y.stride(0), y.stride(1),
-        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_K=_block(chunk_size, 32),
-        BLOCK_DSTATE=triton.next_power_of_2(max(dstate, 16)), DOT_PRECISION=precision)
+        x.stride(0), x.stride(1), B.stride(0), B.stride(1), C.stride(0), C.stride(1), dt_out.stride(1),
+        dt_out.stride(0), states.stride(0), states.stride(1), states.stride(2), y.stride(0), y.stride(1),
+        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_K=16, BLOCK_DSTATE=triton.next_power_of_2(max(dstate, 16)),
+        DOT_PRECISION=precision, **_DOT_LAUNCH)
     return y, final
 
 

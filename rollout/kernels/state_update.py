@@ -31,21 +31,23 @@ def _state_update_kernel(
     # Meta-parameters
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One step for a block of headdim rows of one head of one batch row; a padding row (slot < 0) loads and
-    stores no state and writes zeros."""
+    """One step for a block of headdim rows of one head of one batch row."""
     offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     pid_b = tl.program_id(1).to(tl.int64)
     pid_h = tl.program_id(2).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
-    slot = tl.load(slot_ptr + pid_b).to(tl.int64)
-    valid = slot >= 0
     mask_p = offs_p < headdim
     mask_n = offs_n < dstate
-    group = pid_h // heads_per_group
+    y_ptrs = y_ptr + pid_b * stride_y_b + pid_h * stride_y_h + offs_p
+    slot = tl.load(slot_ptr + pid_b).to(tl.int64)
+    if slot < 0:    # a padding row: zeros out, no state read or written
+        tl.store(y_ptrs, tl.zeros((BLOCK_P,), dtype=y_ptr.dtype.element_ty), mask=mask_p)
+        return
 
+    group = pid_h // heads_per_group
     state_ptrs = (state_ptr + slot * stride_s_slot + pid_h * stride_s_h + offs_p[:, None] * stride_s_p
                   + offs_n[None, :])
-    mask = valid & mask_p[:, None] & mask_n[None, :]
+    mask = mask_p[:, None] & mask_n[None, :]
     h = tl.load(state_ptrs, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + pid_b * stride_x_b + pid_h * stride_x_h + offs_p, mask=mask_p, other=0.0).to(tl.float32)
     dt = _discretize_dt_tl(tl.load(dt_ptr + pid_b * stride_dt_b + pid_h * stride_dt_h), tl.load(dt_bias_ptr + pid_h),
@@ -57,8 +59,7 @@ def _state_update_kernel(
     h = h * tl.exp(dt * A) + (dt * x)[:, None] * B[None, :]
     tl.store(state_ptrs, h.to(state_ptr.dtype.element_ty), mask=mask)
     y = tl.sum(h * C[None, :], axis=1) + tl.load(D_ptr + pid_h).to(tl.float32) * x
-    tl.store(y_ptr + pid_b * stride_y_b + pid_h * stride_y_h + offs_p,
-             tl.where(valid, y, 0.0).to(y_ptr.dtype.element_ty), mask=mask_p)
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_p)
 
 
 def _state_update_fwd(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,

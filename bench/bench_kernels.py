@@ -1,0 +1,215 @@
+"""The rollout kernels at Nemotron-H-8B shapes (128 heads, headdim 64, dstate 128, 8 groups, chunk 128).
+
+    python -m bench.bench_kernels              # on a CUDA machine
+    python -m bench.bench_kernels --cpu-smoke  # the same code paths at tiny shapes, Triton's CPU interpreter
+
+(a) Decode: ``selective_state_update`` (fp32 state, bf16 x/dt/B/C) at batch 1, 2, 4, ..., 256. Median time
+    over many iterations (CUDA events, after warmup, L2 flushed before each so that small batches are not
+    served from cache), bytes moved (state read and write, inputs, output), achieved GB/s and % of the peak
+    HBM bandwidth, which is measured here by a large device-to-device copy, not taken from a spec sheet.
+(b) Prefill: ``ssd_scan`` against mamba_ssm's ``mamba_chunk_scan_combined`` at batch 4 × 8,192 tokens,
+    bf16 inputs: both times and their ratio (mamba_ssm: ``MAMBA_SKIP_CUDA_BUILD=TRUE pip install
+    --no-build-isolation mamba-ssm``; skipped when missing).
+
+Both parts also print the largest difference from the PyTorch reference (relative to its largest value), so
+a GPU run checks correctness too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Callable
+
+# Triton reads TRITON_INTERPRET when it is first imported, so the smoke mode sets it before torch and Triton load.
+if "--cpu-smoke" in sys.argv[1:]:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from rollout.kernels import (selective_state_update_ref, selective_state_update_triton, ssd_scan_ref,  # noqa: E402
+                             ssd_scan_triton)
+
+MAMBA_INSTALL = "MAMBA_SKIP_CUDA_BUILD=TRUE pip install --no-build-isolation mamba-ssm"
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Shapes and timing budget of one run."""
+
+    device: str
+    nheads: int
+    headdim: int
+    dstate: int
+    ngroups: int
+    chunk_size: int
+    decode_batches: tuple[int, ...]
+    prefill_batch: int
+    prefill_len: int
+    copy_bytes: int     # the peak-bandwidth copy
+    flush_bytes: int    # written before each timed run to evict the L2 cache (50 MB on H100)
+    warmup: int
+    iters: int
+
+
+NEMOTRON_H_8B = Setup("cuda", nheads=128, headdim=64, dstate=128, ngroups=8, chunk_size=128,
+                      decode_batches=tuple(2 ** i for i in range(9)), prefill_batch=4, prefill_len=8192,
+                      copy_bytes=2 ** 30, flush_bytes=2 ** 28, warmup=10, iters=100)
+CPU_SMOKE = Setup("cpu", nheads=4, headdim=16, dstate=16, ngroups=2, chunk_size=16, decode_batches=(1, 2, 4),
+                  prefill_batch=2, prefill_len=40, copy_bytes=2 ** 22, flush_bytes=2 ** 20, warmup=1, iters=2)
+
+
+def median_seconds(fn: Callable[[], object], setup: Setup) -> float:
+    """Median time of ``fn`` after warmup: CUDA events on a GPU, the wall clock on CPU."""
+    flush = torch.empty(setup.flush_bytes, dtype=torch.uint8, device=setup.device)
+    for _ in range(setup.warmup):
+        fn()
+    times = []
+    for _ in range(setup.iters):
+        flush.zero_()
+        if setup.device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - begin)
+    return statistics.median(times)
+
+
+def peak_bandwidth(setup: Setup) -> float:
+    """Bytes per second of a device-to-device copy (read plus write) too large for any cache."""
+    src = torch.empty(setup.copy_bytes, dtype=torch.uint8, device=setup.device)
+    dst = torch.empty_like(src)
+    return 2 * setup.copy_bytes / median_seconds(lambda: dst.copy_(src), setup)
+
+
+def model_params(setup: Setup) -> dict[str, torch.Tensor]:
+    """A, D, dt_bias as a trained Mamba-2 layer has them, in fp32: A = -exp(A_log), dt_bias = softplus⁻¹(dt)."""
+    h = setup.nheads
+    return dict(A=-torch.empty(h, device=setup.device).uniform_(1, 16), D=torch.ones(h, device=setup.device),
+                dt_bias=torch.expm1(torch.empty(h, device=setup.device).uniform_(1e-3, 0.1)).log())
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest difference over the largest reference value: one bf16 ulp (< 8e-3) on bf16 outputs, ~1e-6 on fp32."""
+    return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+
+
+def table(title: str, header: list[str], rows: list[list[str]]) -> str:
+    """Right-aligned columns, so the smoke test (and a reader) can split rows on whitespace."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [title, "  ".join(h.rjust(w) for h, w in zip(header, widths))]
+    return "\n".join(lines + ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows])
+
+
+def decode(setup: Setup, peak: float) -> str:
+    """One row per batch size; a fresh state per batch, so the larger ones do not fit in L2."""
+    h, p, n, g = setup.nheads, setup.headdim, setup.dstate, setup.ngroups
+    bf16 = dict(device=setup.device, dtype=torch.bfloat16)
+    params = model_params(setup)
+    rows = []
+    for batch in setup.decode_batches:
+        state = torch.randn(batch, h, p, n, device=setup.device)
+        x, dt = torch.randn(batch, h, p, **bf16), torch.randn(batch, h, **bf16)
+        B, C = torch.randn(batch, g, n, **bf16), torch.randn(batch, g, n, **bf16)
+        args = (x, dt, params["A"], B, C, params["D"], params["dt_bias"])
+        slot_idx = torch.randperm(batch, device=setup.device)
+
+        def step(op: Callable[..., torch.Tensor], state: torch.Tensor) -> torch.Tensor:
+            return op(state, *args, slot_idx=slot_idx)
+
+        got, want = state.clone(), state.clone()
+        err = max(rel_err(step(selective_state_update_triton, got), step(selective_state_update_ref, want)),
+                  rel_err(got, want))
+        seconds = median_seconds(lambda: step(selective_state_update_triton, state), setup)
+        moved = 2 * state.nbytes + x.nbytes + sum(t.nbytes for t in (*args, slot_idx))   # y is shaped as x
+        rows.append([str(batch), f"{seconds * 1e6:.1f}", f"{moved / 1e6:.2f}", f"{moved / seconds / 1e9:.1f}",
+                     f"{100 * moved / seconds / peak:.1f}", f"{err:.1e}"])
+    title = (f"decode: selective_state_update, nheads {h}, headdim {p}, dstate {n}, ngroups {g}, fp32 state, "
+             "bf16 x/dt/B/C, slots permuted")
+    return table(title, ["batch", "time_us", "MB", "GB/s", "%peak", "rel_err"], rows)
+
+
+def mamba_chunk_scan() -> tuple[Callable[..., object] | None, str]:
+    """mamba_ssm's fused SSD, or None and why not."""
+    if importlib.util.find_spec("mamba_ssm") is None:
+        return None, f"mamba_ssm not installed: skipped ({MAMBA_INSTALL})"
+    if not torch.cuda.is_available():
+        return None, "mamba_ssm: skipped (needs CUDA)"
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    return mamba_chunk_scan_combined, ""
+
+
+def prefill(setup: Setup) -> str:
+    """ssd_scan, then mamba_ssm's fused SSD on the same inputs when it is installed."""
+    b, length, h, p, n, g = (setup.prefill_batch, setup.prefill_len, setup.nheads, setup.headdim, setup.dstate,
+                             setup.ngroups)
+    bf16 = dict(device=setup.device, dtype=torch.bfloat16)
+    params = model_params(setup)
+    x, dt = torch.randn(b, length, h, p, **bf16), torch.randn(b, length, h, **bf16)
+    B, C = torch.randn(b, length, g, n, **bf16), torch.randn(b, length, g, n, **bf16)
+    A, D, dt_bias = params["A"], params["D"], params["dt_bias"]
+    want_y, want_final = ssd_scan_ref(x, dt, A, B, C, D, dt_bias, chunk_size=setup.chunk_size)
+
+    def ours() -> tuple[torch.Tensor, torch.Tensor]:
+        return ssd_scan_triton(x, dt, A, B, C, D, dt_bias, chunk_size=setup.chunk_size)
+
+    impls = {"ssd_scan": ours}
+    theirs_fn, why_not = mamba_chunk_scan()
+    if theirs_fn is not None:
+        impls["mamba_chunk_scan_combined"] = lambda: theirs_fn(x, dt, A, B, C, setup.chunk_size, D=D, dt_bias=dt_bias,
+                                                                dt_softplus=True, return_final_states=True)
+    rows, base = [], None
+    for name, fn in impls.items():
+        y, final = fn()
+        err = max(rel_err(y, want_y), rel_err(final, want_final))
+        seconds = median_seconds(fn, setup)
+        base = base or seconds
+        rows.append([name, f"{seconds * 1e3:.3f}", f"{b * length / seconds / 1e6:.2f}", f"{seconds / base:.2f}",
+                     f"{err:.1e}"])
+    title = (f"prefill: batch {b} x {length} tokens, chunk {setup.chunk_size}, bf16 x/dt/B/C; "
+             "time_ratio = time / ssd_scan's time")
+    out = table(title, ["impl", "time_ms", "Mtok/s", "time_ratio", "rel_err"], rows)
+    return f"{out}\n{why_not}" if why_not else out
+
+
+def header(setup: Setup) -> str:
+    if setup.device == "cuda":
+        device = torch.cuda.get_device_name()
+    else:
+        device = f"CPU ({platform.processor() or platform.machine()}), Triton interpreter, tiny shapes"
+    return (f"# rollout kernels | device: {device} | {datetime.now():%Y-%m-%d %H:%M} | torch {torch.__version__}, "
+            f"triton {triton.__version__}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="run every code path at tiny shapes on CPU under TRITON_INTERPRET=1")
+    args = parser.parse_args()
+    if not args.cpu_smoke and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device; run with --cpu-smoke to check the code paths on CPU")
+    setup = CPU_SMOKE if args.cpu_smoke else NEMOTRON_H_8B
+    torch.manual_seed(0)
+    print(header(setup))
+    peak = peak_bandwidth(setup)
+    print(f"peak bandwidth, device-to-device copy of {setup.copy_bytes / 2 ** 20:g} MiB: {peak / 1e9:.1f} GB/s\n")
+    print(decode(setup, peak), end="\n\n")
+    print(prefill(setup))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""The Triton kernels against their PyTorch references, run on CPU by Triton's interpreter.
+
+TRITON_INTERPRET must be set before Triton is first imported, and other test modules import Triton (through
+transformers and deepspeed) without it. So the checks run in one fresh subprocess that has it set,
+``python -m tests.test_kernels_triton CASE ...``, which prints every case's outcome as JSON; each test reads
+its case from that one run, so the interpreter and the imports are paid for once.
+
+The interpreter runs plain Python and accepts code the compiler rejects, so a slow test also compiles every
+kernel to a cubin for sm_90, which needs no GPU (ptxas ships with Triton).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import traceback
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+from rollout import kernels
+from rollout.kernels import (causal_conv1d_ref, causal_conv1d_triton, causal_conv1d_update_ref,
+                             causal_conv1d_update_triton, selective_state_update_ref, selective_state_update_triton,
+                             ssd_scan_ref, ssd_scan_triton)
+from rollout.kernels.conv1d import _conv1d_kernel, _conv1d_update_kernel
+from rollout.kernels.ssd_scan import (_DOT_LAUNCH, _chunk_cumsum_kernel, _chunk_scan_kernel, _chunk_state_kernel,
+                                      _state_passing_kernel)
+from rollout.kernels.state_update import _state_update_kernel
+
+ROOT = Path(__file__).resolve().parent.parent
+H = 4
+LIMIT = (0.001, float("inf"))
+F32, BF16 = torch.float32, torch.bfloat16
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """1e-4 in fp32; a bf16 output may differ by the one bf16 rounding both sides make (< 1% relative)."""
+    tol = 1e-4 if got.dtype == F32 else 1e-2
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+def randn(g: torch.Generator, *shape: int, dtype: torch.dtype = F32) -> torch.Tensor:
+    return torch.randn(*shape, generator=g).to(dtype)
+
+
+def layout(t: torch.Tensor, strided: bool) -> torch.Tensor:
+    """t, or its values in a view with padded rows, as the engine passes slices of one projection."""
+    if not strided:
+        return t
+    wide = torch.zeros(*t.shape[:-1], t.shape[-1] + 3, dtype=t.dtype)
+    wide[..., : t.shape[-1]] = t
+    return wide[..., : t.shape[-1]]
+
+
+def check_ssd_scan(T: int, chunk: int, *, batch: int = 1, G: int = 2, P: int = 8, N: int = 6,
+                   cu: tuple[int, ...] | None = None, dtype: torch.dtype = F32, decay: float = 0.0,
+                   strided: bool = False) -> None:
+    """y and every sequence's final state, from random initial states; ``decay`` pushes dt up and A down."""
+    g = torch.Generator().manual_seed(T * chunk)
+    nseq = batch if cu is None else len(cu) - 1
+    a = dict(x=randn(g, batch, T, H, P, dtype=dtype), dt=randn(g, batch, T, H) + decay,
+             A=-torch.rand(H, generator=g) * 2 - decay, B=randn(g, batch, T, G, N, dtype=dtype),
+             C=randn(g, batch, T, G, N, dtype=dtype), D=randn(g, H), dt_bias=randn(g, H) * 0.5)
+    a = {k: layout(v, strided and v.dim() > 1) for k, v in a.items()}
+    kw = dict(chunk_size=chunk, dt_limit=LIMIT, initial_states=randn(g, nseq, H, P, N),
+              cu_seqlens=None if cu is None else torch.tensor(cu))
+    (y, final), (want_y, want_final) = ssd_scan_triton(**a, **kw), ssd_scan_ref(**a, **kw)
+    assert_close(y, want_y)
+    assert_close(final, want_final)
+
+
+def check_state_update(*, slots: tuple[int, ...] = (4, -1, 0, 2), nslots: int = 6, G: int = 2, P: int = 8,
+                       N: int = 6, dtype: torch.dtype = F32, strided: bool = False) -> None:
+    """y, and the whole state buffer: the named slots updated, every other slot untouched, padding rows zero."""
+    g = torch.Generator().manual_seed(len(slots) + P)
+    batch, slot_idx = len(slots), torch.tensor(slots)
+    state = randn(g, nslots, H, P, N)
+    args = (randn(g, batch, H, P, dtype=dtype), randn(g, batch, H), -torch.rand(H, generator=g) * 2,
+            randn(g, batch, G, N, dtype=dtype), randn(g, batch, G, N, dtype=dtype), randn(g, H), randn(g, H) * 0.5)
+    args = tuple(layout(t, strided and t.dim() > 1) for t in args)
+    got, want = state.clone(), state.clone()
+    y = selective_state_update_triton(got, *args, slot_idx=slot_idx, dt_limit=LIMIT)
+    assert_close(y, selective_state_update_ref(want, *args, slot_idx=slot_idx, dt_limit=LIMIT))
+    assert_close(got, want)
+    untouched = [s for s in range(nslots) if s not in slots]
+    assert torch.equal(got[untouched], state[untouched]) and not y[slot_idx < 0].any()
+
+
+def check_conv1d(*, batch: int = 1, T: int = 12, cu: tuple[int, ...] | None = (0, 2, 12), dim: int = 10,
+                 width: int = 4, bias: bool = True, silu: bool = True, strided: bool = False) -> None:
+    """out and every sequence's conv state, including sequences shorter than width - 1."""
+    g = torch.Generator().manual_seed(T + dim)
+    x, weight = layout(randn(g, batch, T, dim), strided), randn(g, dim, width)
+    args = (x, weight, randn(g, dim) if bias else None)
+    kw = dict(cu_seqlens=None if cu is None else torch.tensor(cu), silu=silu)
+    (out, states), (want_out, want_states) = causal_conv1d_triton(*args, **kw), causal_conv1d_ref(*args, **kw)
+    assert_close(out, want_out)
+    assert_close(states, want_states)
+
+
+def check_conv1d_update(*, slots: tuple[int, ...] = (3, -1, 0), nslots: int = 5, dim: int = 10, width: int = 4,
+                        bias: bool = True, silu: bool = True, strided: bool = False) -> None:
+    """out and the whole conv-state buffer (other slots untouched, padding rows zero)."""
+    g = torch.Generator().manual_seed(len(slots) + dim)
+    conv_state, slot_idx = randn(g, nslots, dim, width - 1), torch.tensor(slots)
+    args = (layout(randn(g, len(slots), dim), strided), randn(g, dim, width), randn(g, dim) if bias else None)
+    got, want = conv_state.clone(), conv_state.clone()
+    out = causal_conv1d_update_triton(args[0], got, *args[1:], slot_idx=slot_idx, silu=silu)
+    assert_close(out, causal_conv1d_update_ref(args[0], want, *args[1:], slot_idx=slot_idx, silu=silu))
+    assert torch.equal(got, want) and not out[slot_idx < 0].any()
+
+
+CASES: dict[str, Callable[[], None]] = {
+    "ssd_scan/T37-chunk8-batch2": partial(check_ssd_scan, 37, 8, batch=2),
+    "ssd_scan/T13-chunk4-ngroups1": partial(check_ssd_scan, 13, 4, batch=2, G=1),
+    "ssd_scan/T16-chunk16": partial(check_ssd_scan, 16, 16),
+    "ssd_scan/T29-chunk12-not-a-power-of-2": partial(check_ssd_scan, 29, 12),
+    # two row blocks, several k steps, headdim 80 (Nemotron Nano 2) in two masked blocks
+    "ssd_scan/T150-chunk128-headdim80-ngroups1": partial(check_ssd_scan, 150, 128, G=1, P=80, N=16),
+    "ssd_scan/packed-chunk8": partial(check_ssd_scan, 40, 8, cu=(0, 5, 16, 19, 40)),
+    "ssd_scan/packed-chunk16-ngroups1-strided": partial(check_ssd_scan, 53, 16, G=1, cu=(0, 16, 50, 53),
+                                                        strided=True),
+    "ssd_scan/bf16": partial(check_ssd_scan, 37, 16, batch=2, dtype=BF16),
+    "ssd_scan/strong-decay": partial(check_ssd_scan, 64, 32, decay=30.0),
+    "state_update/ngroups2-padding": partial(check_state_update),
+    "state_update/ngroups1-headdim20-dstate32-strided": partial(check_state_update, slots=(1, 5, -1), G=1, P=20,
+                                                                N=32, strided=True),
+    "state_update/bf16": partial(check_state_update, dtype=BF16),
+    "conv1d/packed-short-sequence": partial(check_conv1d),
+    # a sequence whose last 64-token block holds 1 token, 70 channels in two blocks
+    "conv1d/packed-across-blocks-strided": partial(check_conv1d, T=100, cu=(0, 2, 67, 100), dim=70, strided=True),
+    "conv1d/batch2-no-bias-no-silu": partial(check_conv1d, batch=2, T=9, cu=None, bias=False, silu=False),
+    "conv1d_update/padding-strided": partial(check_conv1d_update, strided=True),
+    "conv1d_update/no-bias-no-silu-width3": partial(check_conv1d_update, slots=(0, 4), width=3, bias=False, silu=False),
+}
+
+
+def compile_sm90(kernel: Callable, io_ptrs: tuple[str, ...], constexprs: dict, options: dict | None = None) -> None:
+    """``kernel`` through Triton's whole compiler for an H100, at the launchers' block sizes; ``io_ptrs``
+    point to bf16 activations, the other pointers to fp32 (int64 for indices and offsets)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    def arg_type(name: str) -> str:
+        if name in constexprs:
+            return "constexpr"
+        if name.startswith(("chunk_", "cu_", "slot_")):
+            return "*i64"
+        if name.endswith("_ptr"):
+            return "*bf16" if name in io_ptrs else "*fp32"
+        return "fp32" if name in ("dt_min", "dt_max") else "i32"
+
+    signature = {name: arg_type(name) for name in kernel.arg_names}
+    src = ASTSource(kernel, signature, {(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
+    assert compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
+
+
+ACTIVATIONS = ("x_ptr", "B_ptr", "C_ptr", "y_ptr", "out_ptr")
+SM90: dict[str, Callable[[], None]] = {
+    "sm90/chunk_cumsum": partial(compile_sm90, _chunk_cumsum_kernel, ("dt_ptr",),
+                                 dict(CHUNK=128, BLOCK_H=16, BLOCK_Q=128)),
+    "sm90/chunk_state": partial(compile_sm90, _chunk_state_kernel, ACTIVATIONS,
+                                dict(CHUNK=128, BLOCK_P=64, BLOCK_N=64, BLOCK_K=32, DOT_PRECISION="tf32"), _DOT_LAUNCH),
+    "sm90/state_passing": partial(compile_sm90, _state_passing_kernel, (),
+                                  dict(CHUNK=128, HAS_INIT=True, BLOCK=512)),
+    "sm90/chunk_scan": partial(compile_sm90, _chunk_scan_kernel, ACTIVATIONS,
+                               dict(BLOCK_M=64, BLOCK_P=64, BLOCK_K=16, BLOCK_DSTATE=128, DOT_PRECISION="tf32"),
+                               _DOT_LAUNCH),
+    "sm90/state_update": partial(compile_sm90, _state_update_kernel, (*ACTIVATIONS, "dt_ptr"),
+                                 dict(BLOCK_P=4, BLOCK_N=128)),
+    "sm90/conv1d": partial(compile_sm90, _conv1d_kernel, (*ACTIVATIONS, "states_ptr"),
+                           dict(WIDTH=4, HAS_BIAS=True, SILU=True, BLOCK_T=64, BLOCK_D=64, BLOCK_W=4)),
+    "sm90/conv1d_update": partial(compile_sm90, _conv1d_update_kernel, ACTIVATIONS,
+                                  dict(WIDTH=4, HAS_BIAS=True, SILU=True, BLOCK_D=64, BLOCK_W=4)),
+}
+
+
+def run_cases(names: list[str]) -> dict[str, str | None]:
+    """Each case's traceback, or None when it passed."""
+    outcomes: dict[str, str | None] = {}
+    for name in names:
+        try:
+            {**CASES, **SM90}[name]()
+            outcomes[name] = None
+        except Exception:   # noqa: BLE001 - reported to the test that owns the case
+            outcomes[name] = traceback.format_exc()
+    return outcomes
+
+
+def compiled_env() -> dict[str, str]:
+    """This environment without TRITON_INTERPRET, whatever the caller exported."""
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+def run_in_subprocess(names: list[str], interpret: bool) -> dict[str, str | None]:
+    """The named cases' outcomes from a fresh interpreter, with or without Triton's interpreter."""
+    env = compiled_env() | ({"TRITON_INTERPRET": "1"} if interpret else {})
+    proc = subprocess.run([sys.executable, "-m", "tests.test_kernels_triton", *names], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict[str, str | None]:
+    return run_in_subprocess(list(CASES), interpret=True)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_triton_matches_ref(case: str, interpreted: dict[str, str | None]) -> None:
+    assert interpreted[case] is None, interpreted[case]
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90() -> None:
+    """~15 s on 2 cores with Triton's cache cold (~5 s warm), which would push this file past a minute."""
+    failures = {name: tb for name, tb in run_in_subprocess(list(SM90), interpret=False).items() if tb}
+    assert not failures, "\n".join(failures.values())
+
+
+def test_dispatch_runs_the_reference_on_cpu() -> None:
+    g = torch.Generator().manual_seed(0)
+    x, weight = randn(g, 1, 7, 5), randn(g, 5, 4)
+    out, states = kernels.causal_conv1d(x, weight, None)
+    want_out, want_states = causal_conv1d_ref(x, weight, None)
+    assert torch.equal(out, want_out) and torch.equal(states, want_states)
+    assert kernels.ssd_scan.__name__ == "ssd_scan" and "ssd_scan_ref" in kernels.ssd_scan.__doc__
+
+
+def test_bench_cpu_smoke_prints_the_tables() -> None:
+    """The GPU benchmark's code paths at tiny shapes; the script sets TRITON_INTERPRET itself."""
+    proc = subprocess.run([sys.executable, "-m", "bench.bench_kernels", "--cpu-smoke"], cwd=ROOT, env=compiled_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("# rollout kernels | device: CPU") and lines[1].startswith("peak bandwidth")
+    first = next(i for i, line in enumerate(lines) if line.split()[:2] == ["batch", "time_us"]) + 1
+    decode = [line.split() for line in lines[first:first + 3]]
+    assert [row[0] for row in decode] == ["1", "2", "4"] and all(len(row) == 6 for row in decode)
+    prefill = next(line.split() for line in lines if line.startswith("ssd_scan "))
+    assert all(float(row[-1]) < 1e-2 for row in [*decode, prefill])     # rel_err: one bf16 rounding at most
+    assert any(line.startswith("mamba_ssm") and "skipped" in line for line in lines)
+
+
+if __name__ == "__main__":
+    print(json.dumps(run_cases(sys.argv[1:])))
