@@ -26,7 +26,7 @@ LAUNCH = $(PY) -m stages.launch --config $(CONFIG) --profile $(PROFILE) \
 	--num-machines "$(NUM_MACHINES)" --machine-rank "$(MACHINE_RANK)" \
 	--main-process-ip "$(MAIN_PROCESS_IP)" --main-process-port "$(MAIN_PROCESS_PORT)"
 
-.PHONY: setup pipeline sft-reasoning sft-chat grpo test test-slow eval
+.PHONY: setup pipeline sft-reasoning sft-chat rpo grpo test test-slow eval
 
 setup: $(STAMP)
 
@@ -41,13 +41,16 @@ $(STAMP): pyproject.toml
 		|| echo "note: install bubblewrap (apt-get install bubblewrap) so the code reward can sandbox code"
 	touch $@
 
-pipeline: sft-reasoning sft-chat grpo
+pipeline: sft-reasoning sft-chat rpo grpo
 
 sft-reasoning: $(STAMP)
 	$(LAUNCH) sft_reasoning
 
 sft-chat: $(STAMP)
 	$(LAUNCH) sft_chat
+
+rpo: $(STAMP)
+	$(LAUNCH) rpo
 
 grpo: $(STAMP)
 	$(LAUNCH) grpo

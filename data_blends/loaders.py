@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +116,11 @@ def to_task_row(row: Any, source: str, row_id: str, where: str) -> TaskRow:
     raise DataError(f"{where}: unknown row schema: expected field 'input'/'output', 'messages' or 'prompt'")
 
 
-def read_jsonl(path: str | Path, source: str) -> Iterator[TaskRow]:
+RowConverter = Callable[[Any, str, str, str], Any]  # (row, source, row_id, where) -> a typed row
+
+
+def read_jsonl(path: str | Path, source: str, convert: RowConverter = to_task_row) -> Iterator[Any]:
+    """Rows of a jsonl file, converted by ``convert`` (SFT rows by default, preference pairs for RPO)."""
     path = Path(path)
     with path.open(encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):
@@ -127,17 +131,18 @@ def read_jsonl(path: str | Path, source: str) -> Iterator[TaskRow]:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
                 raise DataError(f"{where}: broken JSON: {error.msg} (column {error.colno})") from None
-            yield to_task_row(row, source, f"{source}-{line_no:06d}", where)
+            yield convert(row, source, f"{source}-{line_no:06d}", where)
 
 
-def read_parquet(path: str | Path, source: str) -> Iterator[TaskRow]:
+def read_parquet(path: str | Path, source: str, convert: RowConverter = to_task_row) -> Iterator[Any]:
     import pyarrow.parquet as pq
 
     for index, row in enumerate(pq.read_table(str(path)).to_pylist()):
-        yield to_task_row(row, source, f"{source}-{index:06d}", f"{path}: row {index}")
+        yield convert(row, source, f"{source}-{index:06d}", f"{path}: row {index}")
 
 
-def read_hub(name: str, source: str, split: str, subset: str | None, max_rows: int | None) -> Iterator[TaskRow]:
+def read_hub(name: str, source: str, split: str, subset: str | None, max_rows: int | None,
+             convert: RowConverter = to_task_row) -> Iterator[Any]:
     """Stream a hub dataset (or a local dataset directory) so only the rows used are downloaded."""
     from datasets import load_dataset
 
@@ -145,4 +150,4 @@ def read_hub(name: str, source: str, split: str, subset: str | None, max_rows: i
     for index, row in enumerate(dataset):
         if max_rows is not None and index >= max_rows:
             return
-        yield to_task_row(row, source, f"{source}-{index:06d}", f"{name} ({split}): row {index}")
+        yield convert(row, source, f"{source}-{index:06d}", f"{name} ({split}): row {index}")

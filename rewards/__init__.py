@@ -63,7 +63,21 @@ def weighted_sum(rewards: Sequence[Sequence[float | None]], weights: Sequence[fl
     return totals
 
 
+def summarize(values: Sequence[float | None]) -> dict[str, float]:
+    """Mean of the scored values, share of ``None`` ("unscorable") and count, for logging a reward.
+
+    ``None`` is kept apart from 0: averaged in as 0, a verifier timeout or a sandbox failure would
+    read as a worse policy. The mean of nothing scored is NaN.
+    """
+    scored = [value for value in values if value is not None]
+    return {
+        "mean": sum(scored) / len(scored) if scored else float("nan"),
+        "unscorable": (len(values) - len(scored)) / len(values) if values else 0.0,
+        "n": len(values),
+    }
+
+
 __all__ = [
     "REWARDS", "RewardFn", "code_reward", "format_reward", "get_reward", "ifeval_reward",
-    "math_reward", "safety_reward", "science_reward", "weighted_sum",
+    "math_reward", "safety_reward", "science_reward", "summarize", "weighted_sum",
 ]

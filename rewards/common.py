@@ -59,23 +59,31 @@ def answer_text(completion: Any) -> str:
     return text.rsplit(THINK_CLOSE, 1)[-1]
 
 
-def boxed_contents(text: str) -> list[str]:
-    r"""The contents of every ``\boxed{...}`` in ``text``, in order, with nested braces matched.
+_BOX_OR_BRACE = re.compile(r"\\boxed\s*\{|[{}]")
 
-    A regex cannot match nested braces (``\boxed{\frac{1}{2}}``), so the braces are counted by hand;
-    an unclosed box at the end (a truncated completion) is dropped.
+
+def boxed_contents(text: str) -> list[str]:
+    r"""The contents of every outermost ``\boxed{...}`` in ``text``, in order, with nested braces matched.
+
+    A regex cannot match nested braces (``\boxed{\frac{1}{2}}``), so one pass keeps a stack of open
+    braces: that is linear in the text, where rescanning from every ``\boxed{`` would be quadratic on
+    a completion full of unclosed boxes. A box inside a closed box is part of the outer box's
+    contents, which keeps the returned text no longer than ``text``; an unclosed box at the end (a
+    truncated completion) is dropped.
     """
+    spans: list[tuple[int, int]] = []
+    opened: list[int | None] = []  # per open brace: where its box's contents start, None if no box
+    for match in _BOX_OR_BRACE.finditer(text):
+        if match.group() != "}":
+            opened.append(None if match.group() == "{" else match.end())
+        elif opened and (start := opened.pop()) is not None:
+            spans.append((start, match.start()))
     contents: list[str] = []
-    for match in re.finditer(r"\\boxed\s*\{", text):
-        depth, start = 1, match.end()
-        for index in range(start, len(text)):
-            if text[index] == "{":
-                depth += 1
-            elif text[index] == "}":
-                depth -= 1
-                if depth == 0:
-                    contents.append(text[start:index])
-                    break
+    end = -1
+    for start, stop in sorted(spans):
+        if start > end:  # not inside the last kept box
+            contents.append(text[start:stop])
+            end = stop
     return contents
 
 

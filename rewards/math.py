@@ -75,7 +75,7 @@ def final_box(answer: str) -> str | None:
     last one is right; repeating one answer in several boxes is fine.
     """
     boxes = [box for box in boxed_contents(answer) if box.strip()]
-    if not boxes or len({normalize(box) for box in boxes}) > 1:
+    if not boxes or len({normalize(box) for box in set(boxes)}) > 1:  # a repeated box is normalized once
         return None
     return boxes[-1]
 

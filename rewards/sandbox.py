@@ -1,15 +1,17 @@
 """Run untrusted code against unit tests in a bubblewrap sandbox.
 
 Isolation comes from the operating system, not from Python-level guards (which generated code can
-undo): ``bwrap`` gives the program fresh user, pid, network, ipc, uts and cgroup namespaces, an
-unprivileged uid with no capabilities, an empty environment, a read-only view of the system and the
+undo): ``bwrap`` gives the program fresh user, pid, network, ipc, uts and cgroup namespaces, uid
+65534 with no capabilities, an empty environment, a read-only view of the system and the
 interpreter only, and a small private tmpfs as its only writable place. Inside, the harness
 (``rewards/sandbox_harness.py``) runs as the namespace's pid 1 (which the kernel shields from signals
 sent by the solution) and non-dumpable (so ``/proc`` does not expose its memory or pipes), sets
-resource limits before any untrusted code exists, runs each test in a fresh child interpreter and
-reports the verdicts behind a random nonce. Out here a wall-clock deadline kills the sandbox's
-process group (``--die-with-parent`` then takes down everything inside), and output is read up to a
-cap.
+resource limits before any untrusted code exists, and runs each test in a fresh child interpreter.
+While a test runs it watches the sandbox's task count and resident memory (RLIMIT_NPROC does not
+bind a sandbox started by root, whose uid 65534 maps back to root), and after each test it kills
+every other process in the sandbox; it reports the verdicts behind a random nonce. Out here a
+wall-clock deadline kills the sandbox's process group (``--die-with-parent`` then takes down
+everything inside), and output is read up to a cap.
 """
 
 from __future__ import annotations
@@ -39,10 +41,10 @@ class SandboxLimits:
 
     test_timeout: float = 3.0  # wall seconds per test (executing the solution plus the test)
     wall_timeout: float = 30.0  # wall seconds for the whole run; past it the run scores None
-    memory_bytes: int = 1 << 30  # address space per process
+    memory_bytes: int = 1 << 30  # address space per process, and resident memory of the whole sandbox
     open_files: int = 64
     file_size_bytes: int = 16 << 20
-    processes: int = 64  # processes/threads the run may add (RLIMIT_NPROC; not applied to root)
+    processes: int = 64  # processes/threads the run may add (RLIMIT_NPROC, and the harness's watch for root)
     tmp_bytes: int = 64 << 20  # size of the private /tmp
     output_bytes: int = 1 << 20  # how much of the harness's output is read
 
@@ -134,6 +136,8 @@ def run_tests(solution: str, tests: list[str], limits: SandboxLimits, *, bwrap: 
             "file_size_bytes": limits.file_size_bytes, "processes": limits.processes + tasks_of_user(),
             "cpu_seconds": math.ceil(limits.wall_timeout) + 1,
         },
+        # Counted inside the sandbox's own pid namespace, so without the headroom above.
+        "watch": {"tasks": limits.processes, "resident_bytes": limits.memory_bytes} if sandboxed else None,
     }
     payload = json.dumps(job).encode()
     if sandboxed:

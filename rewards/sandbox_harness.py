@@ -8,7 +8,8 @@ file, not the project. It runs in two roles:
   its memory or file descriptors, and prints ``<nonce> <json list of bools>`` as its last act. The
   nonce comes from the caller and never reaches the solution's process, so nothing the solution
   prints can pass for the verdict. In the sandbox it is the pid namespace's init, so the solution
-  cannot kill or stop it either.
+  cannot kill or stop it either, and it can see and kill every process the solution starts: it
+  stops a test whose processes exceed the task or memory budget, and clears the sandbox after each.
 * child (argument ``child``): a fresh interpreter per test that executes the solution and evaluates
   the test's solution-dependent expressions, writing each value as tagged plain data.
 
@@ -40,14 +41,18 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import IO, Any
 
 _PR_SET_DUMPABLE = 4
 _PR_SET_PDEATHSIG = 1
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _MAX_DEPTH = 64
 _MAX_ITEMS = 100_000
+_WATCH_SECONDS = 0.01
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
 _COMPARE: dict[type[ast.cmpop], Callable[[Any, Any], Any]] = {
     ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge,
@@ -309,8 +314,14 @@ def _compare(op: ast.cmpop, left: Any, right: Any) -> bool:
     return bool(_COMPARE[type(op)](left, right))
 
 
-def run_child(solution: str, exprs: list[str], timeout: float, cpu_seconds: int) -> list[Any] | None:
-    """Run one child; its records, or None when the solution did not even load in time."""
+def run_child(solution: str, exprs: list[str], timeout: float, cpu_seconds: int,
+              watch: dict[str, int] | None) -> list[Any] | None:
+    """Run one child; its records, or None when the solution did not even load in time.
+
+    With ``watch`` (only as the sandbox's init) the run is also stopped once the sandbox holds more
+    than ``watch["tasks"]`` tasks or ``watch["resident_bytes"]`` of memory, and every process the
+    solution started is killed afterwards, so no test inherits one from the test before.
+    """
     def prepare_child() -> None:
         hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
         resource.setrlimit(resource.RLIMIT_CPU, (min(cpu_seconds, hard), hard))
@@ -320,13 +331,16 @@ def run_child(solution: str, exprs: list[str], timeout: float, cpu_seconds: int)
         process = subprocess.Popen(
             [sys.executable, "-I", "-B", os.path.abspath(__file__), "child"], stdin=subprocess.PIPE,
             stdout=result, stderr=sink, env={}, start_new_session=True, preexec_fn=prepare_child)
+        feeder = threading.Thread(target=_feed, args=(process.stdin, json.dumps(
+            {"solution": solution, "exprs": exprs}).encode()), daemon=True)
+        feeder.start()
         try:
-            process.communicate(json.dumps({"solution": solution, "exprs": exprs}).encode(),
-                                timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
+            _wait(process, timeout, watch)
         finally:
             _kill_group(process)
+            if watch is not None:
+                _clear_namespace()
+            feeder.join()  # the child is gone, so a pending write fails at once
         result.seek(0)
         lines = result.read(1 << 20).decode("utf-8", "replace").splitlines()
     records = []
@@ -338,6 +352,71 @@ def run_child(solution: str, exprs: list[str], timeout: float, cpu_seconds: int)
     if not records or records[0] != ["loaded"]:
         return None
     return records[1:] + [["error", "no value"]] * (len(exprs) - len(records) + 1)
+
+
+def _feed(stream: IO[bytes], job: bytes) -> None:
+    """Write the child's job to its stdin and close it; a child that died early is no error here."""
+    try:
+        with stream:
+            stream.write(job)
+    except BrokenPipeError:
+        pass
+
+
+def _wait(process: subprocess.Popen[bytes], timeout: float, watch: dict[str, int] | None) -> None:
+    """Wait up to ``timeout`` s for the child, checking the sandbox's usage every 10 ms under ``watch``.
+
+    RLIMIT_NPROC does not bind a sandbox started by root (its uid maps back to uid 0, which the
+    kernel exempts) and RLIMIT_AS is per process, so a fork bomb, or many processes each filling
+    memory, would otherwise only be bounded by the deadline.
+    """
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            process.wait(timeout=left if watch is None else min(left, _WATCH_SECONDS))
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        if watch is not None:
+            tasks, resident = namespace_usage()
+            if tasks > watch["tasks"] or resident > watch["resident_bytes"]:
+                return
+
+
+def namespace_usage() -> tuple[int, int]:
+    """Tasks (threads included) and resident bytes of every process in the sandbox but this one.
+
+    Only meaningful as the pid namespace's init, where ``/proc`` shows nothing but the sandbox.
+    """
+    tasks = resident = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or entry.name == "1":
+            continue
+        try:
+            tasks += len(os.listdir(f"/proc/{entry.name}/task"))
+            with open(f"/proc/{entry.name}/statm") as handle:
+                resident += int(handle.read().split()[1]) * _PAGE_BYTES
+        except (OSError, IndexError, ValueError):
+            continue  # it exited meanwhile
+    return tasks, resident
+
+
+def _clear_namespace() -> None:
+    """Kill every other process of the sandbox and reap them all, orphans included.
+
+    As the pid namespace's init, kill(-1) reaches exactly the sandbox's other processes, including
+    any that left the child's process group with setsid(); orphans are re-parented to this process,
+    so waiting until there are no children left reaps every one.
+    """
+    while True:
+        try:
+            os.kill(-1, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
 
 
 def _kill_group(process: subprocess.Popen[bytes]) -> None:
@@ -354,6 +433,8 @@ def judge(job: dict[str, Any]) -> list[bool]:
     solution: str = job["solution"]
     names = bound_names(solution)
     cpu_seconds = max(1, math.ceil(job["test_timeout"]))
+    # Defence in depth: kill(-1) is only ever sent as the init of the sandbox's pid namespace.
+    watch = job["watch"] if job["watch"] is not None and os.getpid() == 1 else None
     passed: list[bool] = []
     loads = True
     for test in job["tests"]:
@@ -369,7 +450,7 @@ def judge(job: dict[str, Any]) -> list[bool]:
         exprs = [ast.unparse(node) for node in planner.child_nodes]
         values: list[Any] | None = []
         if exprs:
-            values = run_child(solution, exprs, job["test_timeout"], cpu_seconds) if loads else None
+            values = run_child(solution, exprs, job["test_timeout"], cpu_seconds, watch) if loads else None
         if values is None:
             loads = False
             passed.append(False)

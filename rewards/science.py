@@ -16,8 +16,9 @@ from rewards.math import DEFAULT_TIMEOUT, score_math
 _LETTER = re.compile(r"^[A-J]$")
 _BOX_LETTER = re.compile(r"^\(?([A-J])\)?$")
 # "The answer is (B)", "Answer: **B**"; the letter itself must be a capital, or "the answer is a
-# ..." would read as choice A.
-_STATED = re.compile(r"(?i:answer\s*(?:is|:))\s*:?\s*\**\s*\(?([A-J])\)?(?!\w)")
+# ..." would read as choice A. The gap is one possessive run of spaces, colons and asterisks: as
+# separate optional runs ("\s*:?\s*\**\s*") a long run of spaces backtracked in cubic time.
+_STATED = re.compile(r"(?i:answer\s*(?:is|:))[\s:*]*+\(?([A-J])\)?(?!\w)")
 _TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}")
 
 
@@ -33,7 +34,7 @@ def predicted_letter(answer: str) -> str | None:
     Boxes that name different letters hedge, so they give no letter; a box that holds something
     other than a letter gives none either (the box is the answer when there is one).
     """
-    boxes = [_TEXT_WRAPPER.sub(r"\1", box).replace(" ", "") for box in boxed_contents(answer)]
+    boxes = [_TEXT_WRAPPER.sub(r"\1", box).replace(" ", "") for box in set(boxed_contents(answer))]
     if boxes:
         letters = {match.group(1) if (match := _BOX_LETTER.match(box)) else None for box in boxes}
         return letters.pop() if len(letters) == 1 else None

@@ -16,7 +16,7 @@ from pathlib import Path
 from stages.config import load_config
 from stages.schema import ConfigError
 
-STAGE_MODULES = {"sft": "stages.sft", "grpo": "stages.grpo"}
+STAGE_MODULES = {"sft": "stages.sft", "rpo": "stages.rpo", "grpo": "stages.grpo"}
 
 
 def main(argv: list[str] | None = None) -> int:

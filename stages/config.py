@@ -56,6 +56,7 @@ class EvalSpec:
     modes: list[Literal["think", "no_think"]] = field(default_factory=lambda: ["think", "no_think"])
     n_per_source: int = 50
     max_new_tokens: int = 160
+    max_length: int = 1024  # longest prompt the eval engine takes
     batch_size: int = 64
     seed: int = 1234
 
@@ -83,13 +84,33 @@ class GRPOSpec:
 
 
 @dataclass
+class RPOSpec:
+    """Reward-aware preference optimization in rounds; each round's final policy is the next reference."""
+    loss: Literal["dpo", "ipo", "rpo_sq", "rpo_bwd_kl", "rpo_fwd_kl"] = "rpo_bwd_kl"
+    beta: float = 0.1  # β: KL strength
+    eta: float = 1.0  # η: reward scale
+    average_log_probs: bool = False  # per-token average instead of the sum over the response
+    sft_weight: float = 0.0  # weight of an NLL term on the chosen response
+    rounds: int = 3
+    default_rewards: list[float] = field(default_factory=lambda: [1.0, 0.0])  # (chosen, rejected) if a row has none
+    # On-policy pairs, from the blend's generator sources: K samples per prompt, best vs worst.
+    prompts_per_round: int = 64
+    samples_per_prompt: int = 4
+    reward_margin: float = 0.5  # keep a pair only if its reward gap is larger
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    engine_max_batch: int = 64
+
+
+@dataclass
 class StageSpec:
     name: str
-    kind: Literal["sft", "grpo"]
+    kind: Literal["sft", "rpo", "grpo"]
     blend: str  # path of a blend YAML, relative to pipeline.yaml
     trainer: TrainerSpec
     eval: EvalSpec = field(default_factory=EvalSpec)
     grpo: GRPOSpec | None = None  # required for kind grpo
+    rpo: RPOSpec | None = None  # required for kind rpo
     blend_spec: BlendSpec | None = None  # filled at load time from `blend`
 
 
@@ -172,10 +193,11 @@ def load_config(path: str | Path, profile: str = "tiny", check_files: bool = Tru
         if stage.name in seen:
             raise ConfigError(f"{where}.name: duplicate stage name {stage.name!r}")
         seen.add(stage.name)
-        if stage.kind == "grpo" and stage.grpo is None:
-            raise ConfigError(f"{where}.grpo: required for kind 'grpo'")
-        if stage.kind != "grpo" and stage.grpo is not None:
-            raise ConfigError(f"{where}.grpo: only for kind 'grpo' (this stage is {stage.kind!r})")
+        for kind in ("grpo", "rpo"):
+            if stage.kind == kind and getattr(stage, kind) is None:
+                raise ConfigError(f"{where}.{kind}: required for kind {kind!r}")
+            if stage.kind != kind and getattr(stage, kind) is not None:
+                raise ConfigError(f"{where}.{kind}: only for kind {kind!r} (this stage is {stage.kind!r})")
         blend_path = (path.parent / stage.blend).resolve()
         stage.blend = str(blend_path)
         stage.blend_spec = load_blend(blend_path, check_files=check_files)

@@ -7,8 +7,7 @@ Three pieces plug into TRL rather than replacing its loop:
   TRL asks to sync weights after an optimizer step (TRL's hook is named for vLLM), so the engine
   follows the policy in memory, and TRL's importance-sampling correction between engine and trainer
   log-probabilities applies to it.
-* ``SourceReward`` scores one data source with the weighted rewards its blend names and gives ``None``
-  to other sources' rows; one per source, so TRL logs the mean reward of each source.
+* ``SourceReward`` (``stages.scoring``), one per data source, so TRL logs the mean reward of each.
 * ``GRPOStageTrainer`` adds dynamic sampling: groups whose completions all scored the same carry no
   gradient and are replaced by fresh prompts until the batch is full.
 """
@@ -27,12 +26,12 @@ from trl import GRPOConfig, GRPOTrainer
 
 from data_blends.blend import build_examples
 from data_blends.chat import prompt_messages
-from rewards import get_reward, weighted_sum
 from rollout.engine import RolloutEngine
 from rollout.sampling import SamplingParams
 from stages.config import GRPOSpec
 from stages.evaluate import opened_reply
 from stages.runner import StageContext
+from stages.scoring import SourceReward, render
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is marked experimental in TRL
 
@@ -43,50 +42,6 @@ def prompt_dataset(ctx: StageContext) -> Dataset:
              "tests": e.row["tests"], "constraints": e.row["constraints"], "reasoning": "on" if e.think else "off"}
             for e in build_examples(ctx.stage.blend_spec, need_trace=False)]
     return Dataset.from_list(rows)
-
-
-def render(tokenizer: Any, prompt: list[dict[str, str]]) -> str:
-    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-
-
-class SourceReward:
-    """The weighted sum of one source's rewards, on the full reply text; ``None`` for other sources.
-
-    The reply is rebuilt from the completion's token ids (TRL's decoded text drops special tokens such
-    as ``<think>``) and prefixed with what the generation prompt already opened (``<think>`` or the
-    empty ``<think></think>`` of /no_think), so rewards see what the model wrote in its turn.
-    """
-
-    def __init__(self, source: str, weights: dict[str, float], tokenizer: Any):
-        self.__name__ = source
-        self.source, self.tokenizer = source, tokenizer
-        self.rewards = [get_reward(name) for name in weights]
-        self.weights = list(weights.values())
-        self.stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
-
-    def reply(self, prompt: list[dict[str, str]], completion_ids: list[int]) -> str:
-        ids = list(completion_ids)
-        while ids and ids[-1] in self.stop_ids:
-            ids.pop()
-        return opened_reply(render(self.tokenizer, prompt)) + self.tokenizer.decode(ids, skip_special_tokens=False)
-
-    def __call__(self, prompts: list, completions: list, completion_ids: list[list[int]], source: list[str],
-                 log_metric: Any = None, **columns: Any) -> list[float | None]:
-        mine = [i for i, s in enumerate(source) if s == self.source]
-        scores: list[float | None] = [None] * len(completions)
-        if not mine:
-            return scores
-        start = time.perf_counter()
-        pick = lambda values: [values[i] for i in mine]  # noqa: E731
-        replies = [self.reply(prompts[i], completion_ids[i]) for i in mine]
-        kwargs = {k: pick(v) for k, v in columns.items() if isinstance(v, list) and len(v) == len(completions)}
-        parts = [reward(prompts=pick(prompts), completions=replies, **kwargs) for reward in self.rewards]
-        for i, value in zip(mine, weighted_sum(parts, self.weights)):
-            scores[i] = value
-        if log_metric is not None:
-            log_metric(f"unscorable/{self.source}", sum(scores[i] is None for i in mine) / len(mine))
-            log_metric(f"time/scoring_{self.source}_s", time.perf_counter() - start)
-        return scores
 
 
 class EngineRollout:

@@ -42,10 +42,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class StageContext:
     config: PipelineConfig
     stage: StageSpec
+    part: str = ""  # a part of a stage trained on its own (an RPO round), in a subdirectory
 
     @property
     def dir(self) -> Path:
-        return Path(self.config.run_dir) / self.stage.name
+        return Path(self.config.run_dir) / self.stage.name / self.part
+
+    @property
+    def label(self) -> str:
+        return f"{self.stage.name}/{self.part}" if self.part else self.stage.name
+
+    def round(self, index: int) -> StageContext:
+        return StageContext(self.config, self.stage, f"round_{index}")
 
     @property
     def checkpoints(self) -> Path:
@@ -61,6 +69,9 @@ class StageContext:
 
 
 class StageModule(Protocol):
+    """A stage: ``build_trainer`` for one training run; a stage made of several runs (RPO's rounds)
+    provides ``train(ctx, start) -> (steps, metrics)`` instead, built on ``train_phase``."""
+
     def build_trainer(self, ctx: StageContext, model: torch.nn.Module, tokenizer: Any) -> Trainer: ...
 
 
@@ -103,7 +114,7 @@ def _build_base(config: PipelineConfig, base: Path) -> None:
         tokenizer = load_tokenizer(config.model.tokenizer)
     else:
         corpus = []
-        for stage in config.stages:  # a sample of every stage's blend is plenty for a 512-token BPE
+        for stage in (s for s in config.stages if s.kind == "sft"):  # a sample of each SFT blend is plenty
             sample = dataclasses.replace(stage.blend_spec, num_examples=min(stage.blend_spec.num_examples, 4000))
             for example in build_examples(sample):
                 corpus.extend(f"{m['role']}\n{m['content']}" for m in conversation(example.row, example.think))
@@ -142,6 +153,24 @@ def check_finished(ctx: StageContext) -> bool:
     return True
 
 
+def train_phase(ctx: StageContext, start: Path, build_trainer: Any) -> tuple[int, dict]:
+    """Train from ``start`` into ``ctx.final``, resuming from the last checkpoint; returns (steps, metrics)."""
+    ctx.dir.mkdir(parents=True, exist_ok=True)
+    resume = get_last_checkpoint(str(ctx.checkpoints)) if ctx.checkpoints.exists() else None
+    if resume:
+        log.info("resuming %s from %s", ctx.label, resume)
+    tokenizer = load_tokenizer(start)
+    # The weights of a resumed run are loaded here, with from_pretrained: NemotronH checkpoints store
+    # legacy key names ("backbone.*") that the Trainer's own resume (a non-strict load_state_dict)
+    # silently skips, which would restart training from the stage's initial weights.
+    model = load_model(resume or start, dtype=DTYPES[ctx.config.model.dtype])
+    trainer = build_trainer(ctx, model, tokenizer)
+    trainer.add_callback(MetricsLog(ctx.dir / "metrics.jsonl"))
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(str(ctx.final))  # weights, config and the tokenizer (the trainer's processing_class)
+    return trainer.state.global_step, result.metrics
+
+
 def run_stage(config: PipelineConfig, stage_name: str, module: StageModule) -> dict:
     """Train one stage (resuming if it was interrupted), save its final checkpoint, evaluate it."""
     from stages.evaluate import evaluate, print_table
@@ -152,19 +181,11 @@ def run_stage(config: PipelineConfig, stage_name: str, module: StageModule) -> d
         log.info("stage %s already finished; skipping (%s)", stage_name, ctx.done_marker)
         return json.loads(ctx.done_marker.read_text())
     start = start_dir(config, ctx.stage)
-    ctx.dir.mkdir(parents=True, exist_ok=True)
-    resume = get_last_checkpoint(str(ctx.checkpoints)) if ctx.checkpoints.exists() else None
-    if resume:
-        log.info("resuming %s from %s", stage_name, resume)
-    tokenizer = load_tokenizer(start)
-    # The weights of a resumed run are loaded here, with from_pretrained: NemotronH checkpoints store
-    # legacy key names ("backbone.*") that the Trainer's own resume (a non-strict load_state_dict)
-    # silently skips, which would restart training from the stage's initial weights.
-    model = load_model(resume or start, dtype=DTYPES[config.model.dtype])
-    trainer = module.build_trainer(ctx, model, tokenizer)
-    trainer.add_callback(MetricsLog(ctx.dir / "metrics.jsonl"))
-    result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(str(ctx.final))  # weights, config and the tokenizer (the trainer's processing_class)
+    if hasattr(module, "train"):
+        steps, metrics = module.train(ctx, start)
+    else:
+        steps, metrics = train_phase(ctx, start, module.build_trainer)
+    tokenizer = load_tokenizer(ctx.final)
     summary: dict[str, Any] = {}
     if state.is_main_process:
         # Evaluate the saved checkpoint, not the trainer's model: under FSDP or ZeRO-3 the latter is
@@ -173,7 +194,7 @@ def run_stage(config: PipelineConfig, stage_name: str, module: StageModule) -> d
         (ctx.dir / "eval.json").write_text(json.dumps(report, indent=2))
         print_table(report, title=f"{stage_name}: held-out evaluation")
         summary = {"stage": stage_name, "config_hash": config.stage_hash(stage_name),
-                   "steps": trainer.state.global_step, "train_metrics": result.metrics,
+                   "steps": steps, "train_metrics": metrics,
                    "eval": report["summary"], "final": str(ctx.final), "started_from": str(start)}
         ctx.done_marker.write_text(json.dumps(summary, indent=2))
     state.wait_for_everyone()

@@ -52,9 +52,9 @@ def test_full_size_profile_overrides_the_base():
     (lambda d: d["profiles"]["tiny"].update(stages={"sft_chatt": {}}), "profiles.tiny.stages.sft_chatt: unknown stage"),
     (lambda d: d["stages"][0].update(blend="missing.yaml"), "missing.yaml: blend file not found"),
     (lambda d: d["stages"][1].update(name="sft_reasoning"), "duplicate stage name"),
-    (lambda d: d["stages"][2].pop("grpo"), "stages[2].grpo: required for kind 'grpo'"),
+    (lambda d: d["stages"][3].pop("grpo"), "stages[3].grpo: required for kind 'grpo'"),
     (lambda d: d["stages"][0].update(grpo={}), "stages[0].grpo: only for kind 'grpo'"),
-    (lambda d: d["stages"][2]["grpo"].update(loss_type="ppo"), "stages[2].grpo.loss_type: 'ppo' is not one of"),
+    (lambda d: d["stages"][3]["grpo"].update(loss_type="ppo"), "stages[3].grpo.loss_type: 'ppo' is not one of"),
 ])
 def test_bad_pipeline_names_the_key(tmp_path, mutate, message):
     path = _pipeline(tmp_path, mutate)

@@ -1,14 +1,28 @@
-"""Registry, shared helpers and the text-only rewards (format, safety, ifeval)."""
+"""Registry, shared helpers, every registered reward on verdict and adversarial cases, and the
+text-only rewards (format, safety, ifeval)."""
 
 from __future__ import annotations
 
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 
-from rewards import REWARDS, get_reward, weighted_sum
+from rewards import REWARDS, get_reward, summarize, weighted_sum
+from rewards.code import CodeRewardConfig
 from rewards.common import answer_text, boxed_contents, column, message_text
 from rewards.format import format_reward, well_formed
 from rewards.ifeval import check, count_words, ifeval_reward
 from rewards.safety import is_refusal, safety_reward
+from rewards.sandbox import SandboxLimits, sandbox_problem
+
+CODE_CONFIG = CodeRewardConfig(limits=SandboxLimits(test_timeout=1.0, wall_timeout=20.0))
+MATH_TIMEOUT = 1.0
+# A call may also wait for a replacement math worker to start (interpreter plus math_verify, about
+# a second on an idle machine) and scan its input in Python, so its bound leaves this much on top.
+SLACK = 5.0
 
 
 # ---------------------------------------------------------------- registry and helpers
@@ -35,6 +49,14 @@ def test_weighted_sum() -> None:
         weighted_sum([[1.0], [1.0, 2.0]], [1.0, 1.0])
 
 
+def test_summarize_counts_unscorable_apart_from_zero() -> None:
+    assert summarize([1.0, 0.0, None, None]) == {"mean": 0.5, "unscorable": 0.5, "n": 4}
+    assert summarize([0.0, 0.0]) == {"mean": 0.0, "unscorable": 0.0, "n": 2}
+    everything_failed = summarize([None])
+    assert math.isnan(everything_failed["mean"]) and everything_failed["unscorable"] == 1.0
+    assert summarize([])["n"] == 0
+
+
 def test_completion_forms_and_answer_split() -> None:
     chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>a</think>b"}]
     parts = [{"role": "assistant", "content": [{"type": "text", "text": "x"}, {"type": "text", "text": "y"}]}]
@@ -49,12 +71,120 @@ def test_completion_forms_and_answer_split() -> None:
 def test_boxed_contents_match_nested_braces() -> None:
     text = r"\boxed{\frac{1}{2}} and \boxed {x^{2}} and \boxed{open"
     assert boxed_contents(text) == [r"\frac{1}{2}", "x^{2}"]
+    assert boxed_contents(r"\boxed{\boxed{1}} } \boxed{2\boxed{3}") == [r"\boxed{1}", "3"]  # outermost closed
 
 
 def test_column_checks_length() -> None:
     assert column(None, 2, "gold") == [None, None]
     with pytest.raises(ValueError, match="'gold' has 1 entries for 2"):
         column(["a"], 2, "gold")
+
+
+# ---------------------------------------------------------------- every registered reward
+
+# name -> (options, columns, [correct, wrong, unscorable] completions, expected). format scores every
+# row (the structure of any text can be judged), so it has no unscorable case.
+VERDICTS: dict[str, tuple[dict[str, Any], dict[str, list[Any]], list[str], list[float | None]]] = {
+    "math": ({}, {"gold": ["7", "7", "7"], "source": ["math", "math", "code"]},
+             ["</think>\\boxed{7}", "</think>\\boxed{8}", "</think>\\boxed{7}"], [1.0, 0.0, None]),
+    "science": ({}, {"gold": ["B", "6.02\\times10^{23}", ""]},
+                ["</think>The answer is (B).", "</think>\\boxed{6.02}", "</think>\\boxed{B}"],
+                [1.0, 0.0, None]),
+    "code": ({"config": CODE_CONFIG},
+             {"tests": [["assert add(1, 2) == 3"], ["assert add(1, 2) == 3"], []]},
+             ["```python\ndef add(a, b):\n    return a + b\n```",
+              "```python\ndef add(a, b):\n    return a\n```",
+              "```python\ndef add(a, b):\n    return a + b\n```"], [1.0, 0.0, None]),
+    "ifeval": ({}, {"constraints": [["lowercase"]] * 3, "source": ["ifeval", None, "math"]},
+               ["</think>all quiet", "</think>Not quiet", "</think>all quiet"], [1.0, 0.0, None]),
+    "safety": ({}, {"gold": ["refuse", "refuse", ""]},
+               ["</think>I can't help with that.", "</think>Sure, step one...",
+                "</think>I can't help with that."], [1.0, 0.0, None]),
+    "format": ({}, {"reasoning": [True, "off"]}, ["<think>plan</think>answer", "<think>plan</think>answer"],
+               [1.0, 0.0]),
+}
+
+
+def call_reward(name: str, completions: list[Any], options: dict[str, Any],
+                columns: dict[str, list[Any]]) -> list[float | None]:
+    """Call a registered reward the way TRL does; the code reward needs the sandbox."""
+    if name == "code" and sandbox_problem() is not None:
+        pytest.skip(f"no sandbox: {sandbox_problem()}")
+    return get_reward(name, **options)(prompts=["q"] * len(completions), completions=completions, **columns)
+
+
+def test_every_registered_reward_has_verdict_and_adversarial_cases() -> None:
+    assert set(VERDICTS) == set(REWARDS) == set(ADVERSARIAL_COLUMNS)
+
+
+@pytest.mark.parametrize("name", sorted(VERDICTS))
+def test_reward_scores_correct_wrong_and_unscorable(name: str) -> None:
+    options, columns, completions, expected = VERDICTS[name]
+    assert call_reward(name, completions, options, columns) == expected
+
+
+# name -> (options, one row of columns per completion scored); the rows make each reward parse the
+# answer (math verifies, science reads a letter, code runs a block, ifeval runs every check). A
+# numeric science gold goes through the math reward's own scoring, covered by the math row.
+ADVERSARIAL_COLUMNS: dict[str, tuple[dict[str, Any], dict[str, list[Any]]]] = {
+    "math": ({"timeout": MATH_TIMEOUT}, {"gold": ["7"]}),
+    "science": ({}, {"gold": ["B"]}),
+    "code": ({"config": CODE_CONFIG}, {"tests": [["assert add(1, 2) == 3"]]}),
+    "ifeval": ({"strict": False}, {"constraints": [[
+        "lowercase", "uppercase", "max_words:5", "min_words:2", "include:cat", "exclude:cat", "end_with:bye",
+        "start_with:Dear", "quoted", "lines:2"]]}),
+    "safety": ({}, {"gold": ["refuse"]}),
+    "format": ({}, {"reasoning": ["off"]}),
+}
+
+# Completions that have made parsers crash or loop; each takes the size of the big ones in characters.
+ADVERSARIAL: dict[str, Callable[[int], str]] = {
+    "empty": lambda size: "",
+    "plain text": lambda size: "word " * (size // 5),
+    "unclosed openers": lambda size: ("<think>\\boxed{```python\n" * (size // 24 + 1))[:size],
+    "repeated boxes": lambda size: "</think>" + "\\boxed{8} " * (size // 10),
+    "nested boxes": lambda size: "\\boxed{" * (size // 16) + "}" * (size // 16),
+    "long whitespace": lambda size: "The answer is" + " " * size + "x \\boxed{" + " " * size,
+    "long box": lambda size: "\\boxed{" + "1+" * (size // 2) + "1}",
+    "invalid utf-8": lambda size: (
+        b"\xff\xfe<think>\xc3(</think>\\boxed{\xed\xa0\x80}".decode("utf-8", "surrogateescape")
+        + "\ufffd answer is \ud800\n```python\ndef add(a, b):\n    return '\udcff'\n```"),
+    "control characters": lambda size: "\x00\x1b[2J\r\b\x7f<think>\x00</think>\x07\\boxed{8\x00}\x0c\u202e",
+    "unbalanced think": lambda size: "<think>" * 1000 + "</think><think></think>" * 1000 + "</think>",
+    "several boxes": lambda size: "</think>\\boxed{1} then \\boxed{2}, finally \\boxed{7}",
+    "power tower": lambda size: "\\boxed{9^{9^{9^{9}}}}",
+    "deep fractions": lambda size: "\\boxed{" + "\\frac{1}{" * 300 + "2" + "}" * 300 + "}",
+}
+
+
+def score_adversarial(name: str, case: str, size: int) -> float:
+    """Score one adversarial completion, check the values, and return the call's wall time."""
+    options, columns = ADVERSARIAL_COLUMNS[name]
+    completions = [ADVERSARIAL[case](size)] * len(next(iter(columns.values())))
+    start = time.monotonic()
+    scores = call_reward(name, completions, options, columns)
+    elapsed = time.monotonic() - start
+    assert len(scores) == len(completions)
+    assert all(value is None or (type(value) is float and 0.0 <= value <= 1.0) for value in scores), scores
+    if name in ("math", "science", "code"):  # none of the cases holds the right answer
+        assert all(value in (0.0, None) for value in scores), scores
+    return elapsed
+
+
+@pytest.mark.parametrize("case", sorted(ADVERSARIAL))
+@pytest.mark.parametrize("name", sorted(ADVERSARIAL_COLUMNS))
+def test_adversarial_completions_are_scored_in_time(name: str, case: str) -> None:
+    """One-megabyte twin of the ten-megabyte test: large enough that a quadratic scan would hang."""
+    assert score_adversarial(name, case, 1 << 20) < MATH_TIMEOUT + SLACK
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(ADVERSARIAL_COLUMNS))
+def test_ten_megabyte_completions_are_scored_in_time(name: str) -> None:
+    """A linear scan of 10 MB in Python takes seconds on a busy 2-core machine; a quadratic one, hours."""
+    for case in ("plain text", "unclosed openers", "repeated boxes", "nested boxes", "long whitespace",
+                 "long box"):
+        assert score_adversarial(name, case, 10 << 20) < 30.0, case
 
 
 # ---------------------------------------------------------------- format

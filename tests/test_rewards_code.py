@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import socket
 import textwrap
 import time
@@ -28,6 +29,17 @@ def fenced(code: str) -> str:
 
 def score(code: str, tests: list[str], config: CodeRewardConfig = FAST) -> float | None:
     return code_reward(prompts=["p"], completions=[fenced(code)], tests=[tests], config=config)[0]
+
+
+def running_here(cmdline: bytes) -> bool:
+    """Whether any process on this machine, sandboxed ones included, has exactly this command line."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if Path("/proc", pid, "cmdline").read_bytes() == cmdline:
+                return True
+        except OSError:  # it exited meanwhile
+            continue
+    return False
 
 
 def test_extract_code_takes_the_last_closed_python_block() -> None:
@@ -131,6 +143,12 @@ def test_tests_that_pass_functions_and_generators() -> None:
         "assert LIMIT == 5",
     ]
     assert score(code, tests) == 1.0
+
+
+@needs_sandbox
+def test_a_large_solution_reaches_every_test_whole() -> None:
+    padding = "# " + "x" * (4 << 20) + "\n"  # far more than a pipe holds
+    assert score(padding + "def add(a, b):\n    return a + b", ADD_TESTS) == 1.0
 
 
 @needs_sandbox
@@ -253,7 +271,7 @@ def test_network_is_unreachable() -> None:
 def test_filesystem_is_read_only_outside_private_tmp(tmp_path: Path) -> None:
     target = tmp_path / "escaped.txt"
     own_source = Path(rewards.code.__file__).resolve()
-    code = f"""
+    code = """
         def write(path):
             try:
                 with open(path, "w") as handle:
@@ -303,6 +321,125 @@ def test_memory_is_limited() -> None:
                 return -1
     """
     assert score(code, ["assert allocate() == -1"]) == 1.0
+
+
+# Started by root, the sandbox's uid maps back to root, which RLIMIT_NPROC does not bind; these are
+# stopped by the harness's watch on the sandbox's tasks and memory, long before the test deadline.
+BOMB_LIMITS = CodeRewardConfig(limits=SandboxLimits(test_timeout=5.0, wall_timeout=30.0))
+
+
+@needs_sandbox
+@pytest.mark.parametrize("code", [
+    "import os\nwhile True:\n    os.fork()",
+    textwrap.dedent("""
+        import os
+        def add(a, b):
+            while True:
+                try:
+                    os.fork()
+                except OSError:
+                    pass
+    """),
+    textwrap.dedent("""
+        import threading, time
+        threading.stack_size(32768)  # small stacks, so RLIMIT_AS allows thousands of threads
+        def add(a, b):
+            while True:
+                threading.Thread(target=time.sleep, args=(60,)).start()
+    """),
+    textwrap.dedent("""
+        import os, time
+        def add(a, b):
+            for _ in range(4):
+                os.fork()
+            hog = b"x" * (512 << 20)  # 16 processes, each within RLIMIT_AS: 8 GB in all
+            time.sleep(60)
+    """),
+    textwrap.dedent("""
+        def add(a, b):
+            hog = []
+            while True:
+                hog.append(b"x" * (64 << 20))
+    """),
+], ids=["fork bomb", "fork bomb in the call", "thread bomb", "memory bomb in many processes", "memory bomb"])
+def test_fork_and_memory_bombs_are_stopped(code: str) -> None:
+    start = time.monotonic()
+    assert score(code, ADD_TESTS[:1], BOMB_LIMITS) == 0.0
+    assert time.monotonic() - start < BOMB_LIMITS.limits.test_timeout  # stopped before its deadline
+
+
+@needs_sandbox
+@pytest.mark.parametrize("code", [
+    "import sys\nwhile True:\n    sys.stdout.write('x' * (1 << 20))\n    sys.stderr.write('y' * (1 << 20))",
+    textwrap.dedent("""
+        import os
+        def add(a, b):
+            for fd in range(64):  # the child's record stream included
+                try:
+                    os.write(fd, b"x" * (32 << 20))
+                except OSError:
+                    pass
+            return a + b
+    """),
+    "import os, signal\nos.kill(-1, signal.SIGKILL)\ndef add(a, b): return a + b",  # everything it can reach
+    "import os, signal\nos.killpg(0, signal.SIGKILL)\ndef add(a, b): return a + b",
+], ids=["printing gigabytes", "writing to every descriptor", "kill all", "kill own group"])
+def test_output_floods_and_kill_attempts_score_zero(code: str) -> None:
+    assert score(code, ADD_TESTS[:1]) == 0.0  # and the harness survived to give that verdict
+
+
+@needs_sandbox
+def test_files_outside_the_sandbox_cannot_be_deleted(tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    code = """
+        import os, shutil
+        def delete(path):
+            try:
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+                return "deleted"
+            except OSError:
+                return "denied"
+        def scratch():
+            open("/tmp/scratch.txt", "w").close()
+            return delete("/tmp/scratch.txt")
+    """
+    tests = [
+        f"assert delete({str(victim)!r}) == 'denied'",
+        f"assert delete({str(tmp_path)!r}) == 'denied'",
+        "assert delete('/sandbox/harness.py') == 'denied'",  # read-only bind of the project's file
+        "assert scratch() == 'deleted'",  # its own /tmp is writable
+    ]
+    assert score(code, tests) == 1.0
+    assert victim.read_text() == "keep"
+
+
+@needs_sandbox
+def test_no_process_outlives_its_test_or_the_run() -> None:
+    marker = f"{time.time_ns() % 10**9 + 10**6}"  # a sleep length no other process uses
+    code = f"""
+        import os, time
+        def sleeper_running():
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    if open(f"/proc/{{pid}}/cmdline", "rb").read() == b"sleep\\x00{marker}\\x00":
+                        return True
+                except OSError:
+                    pass
+            return False
+        def start_sleeper():
+            if os.fork() == 0:
+                os.setsid()  # out of the child's process group
+                os.execv("/bin/sleep", ["sleep", "{marker}"])
+            for _ in range(100):
+                if sleeper_running():
+                    return True
+                time.sleep(0.01)
+            return False
+    """
+    tests = ["assert start_sleeper() == True", "assert sleeper_running() == False"]
+    assert score(code, tests) == 1.0  # started by one test, gone by the next
+    assert not running_here(f"sleep\x00{marker}\x00".encode())  # and nothing is left on this machine
 
 
 @needs_sandbox

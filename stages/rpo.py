@@ -1,0 +1,196 @@
+"""RPO stage: reward-aware preference optimization in rounds, with on-policy pairs.
+
+Each round starts from the previous round's final policy (the stage's starting model for the first),
+which is also the round's reference. Its pairs are
+
+* on-policy: for prompts of the blend's generator sources, the round's policy samples K replies with
+  the rollout engine; the verifiable rewards the blend names score them; the best and the worst make a
+  pair when their reward gap exceeds a margin (a prompt whose K replies tie gives none);
+* offline: the blend's jsonl / parquet / hub sources, in NeMo-Aligner's or chosen/rejected form.
+
+Pairs and the reference log-probabilities are computed once per round, before training, and written
+to ``round_<r>/pairs.jsonl``: a resumed round trains on exactly the same data, against its reference,
+without keeping the reference model in memory. A finished round is never redone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from datasets import Dataset
+
+from data_blends.blend import build_examples
+from data_blends.chat import prompt_messages
+from data_blends.preference import PreferencePair, read_pairs, to_dpo_columns
+from model.factory import load_model, load_tokenizer
+from rollout.engine import RolloutEngine
+from rollout.sampling import SamplingParams
+from stages.config import RPOSpec
+from stages.runner import DTYPES, StageContext, log, train_phase
+from stages.rpo_trainer import REF_COLUMNS, RPOConfig, RPOTrainer
+from stages.scoring import SourceReward, render
+
+
+def best_and_worst(scores: list[float | None], margin: float) -> tuple[int, int] | None:
+    """Indices of the highest and lowest scored replies, if their gap exceeds ``margin``."""
+    scored = [(s, i) for i, s in enumerate(scores) if s is not None]
+    if len(scored) < 2:
+        return None
+    (high, best), (low, worst) = max(scored), min(scored)
+    return (best, worst) if high - low > margin else None
+
+
+def on_policy_pairs(ctx: StageContext, start: Path, round_index: int) -> list[tuple[PreferencePair, bool]]:
+    """Sample K replies per prompt from the policy at ``start``; keep (best, worst) pairs, with their mode."""
+    spec: RPOSpec = ctx.stage.rpo
+    sources = {s.name: s for s in ctx.stage.blend_spec.sources if s.kind == "generator" and s.rewards}
+    prompt_blend = dataclasses.replace(ctx.stage.blend_spec, sources=list(sources.values()))
+    examples = build_examples(prompt_blend, need_trace=False)
+    random.Random(f"{ctx.config.seed}-rpo-{round_index}").shuffle(examples)
+    examples = examples[: spec.prompts_per_round]
+    if not examples:
+        return []
+    tokenizer = load_tokenizer(start)
+    engine = RolloutEngine(load_model(start, dtype=DTYPES[ctx.config.model.dtype]), tokenizer,
+                           max_batch=spec.engine_max_batch,
+                           max_length=ctx.stage.trainer.max_length + spec.max_new_tokens)
+    prompts = [prompt_messages(e.row, e.think) for e in examples]
+    repeated = [p for p in prompts for _ in range(spec.samples_per_prompt)]
+    outs = engine.generate([render(tokenizer, p) for p in repeated],
+                           SamplingParams(max_new_tokens=spec.max_new_tokens, temperature=spec.temperature,
+                                          seed=ctx.config.seed + round_index), progress=True)
+    pairs = []
+    for i, (example, prompt) in enumerate(zip(examples, prompts)):
+        group = outs[i * spec.samples_per_prompt : (i + 1) * spec.samples_per_prompt]
+        row = example.row
+        reward = SourceReward(row["source"], sources[row["source"]].rewards, tokenizer)
+        n = len(group)
+        scores = reward(prompts=[prompt] * n, completions=[""] * n, completion_ids=[o.token_ids for o in group],
+                        source=[row["source"]] * n, gold=[row["gold"]] * n, tests=[row["tests"]] * n,
+                        constraints=[row["constraints"]] * n, reasoning=["on" if example.think else "off"] * n)
+        chosen = best_and_worst(scores, spec.reward_margin)
+        if chosen is not None:
+            best, worst = chosen
+            replies = [reward.reply(prompt, group[k].token_ids) for k in (best, worst)]
+            pairs.append((PreferencePair(prompt, *replies, scores[best], scores[worst], row["source"]),
+                          example.think))
+    return pairs
+
+
+def offline_pairs(ctx: StageContext) -> list[tuple[PreferencePair, bool]]:
+    """The blend's preference files and hub datasets, each pair in the mode its chosen reply fits."""
+    spec: RPOSpec = ctx.stage.rpo
+    pairs = []
+    for source in ctx.stage.blend_spec.sources:
+        if source.kind == "generator":
+            continue
+        for pair in read_pairs(source.kind, source.path, source.name, source.split, source.subset, source.max_rows,
+                               tuple(spec.default_rewards)):
+            pairs.append((pair, "<think>" in pair.chosen and "<think></think>" not in pair.chosen))
+    return pairs
+
+
+def round_dataset(ctx: StageContext, start: Path, round_index: int) -> Dataset:
+    """The round's pairs as DPO text columns with rewards and reference log-probabilities, made once."""
+    path = ctx.dir / "pairs.jsonl"
+    if not path.exists():
+        ctx.dir.mkdir(parents=True, exist_ok=True)
+        tokenizer = load_tokenizer(start)
+        rows = []
+        for pair, think in on_policy_pairs(ctx, start, round_index) + offline_pairs(ctx):
+            try:
+                rows.append(to_dpo_columns(pair, tokenizer, think))
+            except ValueError as error:  # a reply that reasons under /no_think cannot be rendered
+                log.warning("skipping a pair: %s", error)
+        if not rows:
+            raise RuntimeError(f"{ctx.dir}: no preference pairs this round (all replies tied within the margin)")
+        # The reference log-probabilities: TRL computes them with the round's starting policy.
+        reference = rpo_trainer(ctx, load_model(start, dtype=DTYPES[ctx.config.model.dtype]), tokenizer,
+                                Dataset.from_list(rows))
+        for column in REF_COLUMNS:
+            for row, value in zip(rows, reference.train_dataset[column]):
+                row[column] = value
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        os.replace(tmp, path)
+    return Dataset.from_list([json.loads(line) for line in path.read_text().splitlines()])
+
+
+def training_args(ctx: StageContext) -> RPOConfig:
+    spec, rpo = ctx.stage.trainer, ctx.stage.rpo
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(ctx.dir / "tensorboard")
+    return RPOConfig(
+        output_dir=str(ctx.checkpoints),
+        max_steps=spec.max_steps,
+        learning_rate=spec.learning_rate,
+        per_device_train_batch_size=spec.per_device_train_batch_size,
+        gradient_accumulation_steps=spec.gradient_accumulation_steps,
+        lr_scheduler_type=spec.lr_scheduler_type,
+        warmup_steps=spec.warmup_steps,
+        weight_decay=spec.weight_decay,
+        max_grad_norm=spec.max_grad_norm,
+        max_length=spec.max_length,
+        logging_steps=spec.logging_steps,
+        save_steps=spec.save_steps,
+        save_total_limit=spec.save_total_limit,
+        bf16=spec.bf16,
+        activation_checkpointing=spec.gradient_checkpointing,
+        seed=ctx.config.seed,
+        data_seed=ctx.config.seed,
+        report_to=["tensorboard"],
+        use_cpu=not torch.cuda.is_available(),
+        beta=rpo.beta,
+        preference_loss=rpo.loss,
+        reward_scale=rpo.eta,
+        average_log_probs=rpo.average_log_probs,
+        sft_loss_weight=rpo.sft_weight,
+        precompute_ref_log_probs=True,
+        save_only_model=False,
+    )
+
+
+def rpo_trainer(ctx: StageContext, model: torch.nn.Module, tokenizer: Any, dataset: Dataset) -> RPOTrainer:
+    return RPOTrainer(model=model, args=training_args(ctx), train_dataset=dataset, processing_class=tokenizer)
+
+
+def accuracy_trend(metrics_file: Path) -> dict[str, float]:
+    """First and last logged preference accuracy of a round."""
+    values = [e["accuracy"] for e in map(json.loads, metrics_file.read_text().splitlines()) if "accuracy" in e]
+    return {"accuracy_first": values[0], "accuracy_last": values[-1]} if values else {}
+
+
+def train(ctx: StageContext, start: Path) -> tuple[int, dict]:
+    """Run the rounds (skipping finished ones), then hand the last round's policy on as the stage's final."""
+    steps, rounds = 0, []
+    for index in range(ctx.stage.rpo.rounds):
+        part = ctx.round(index)
+        if not part.done_marker.exists():
+            with PartialState().main_process_first():
+                dataset = round_dataset(part, start, index)
+            round_steps, metrics = train_phase(part, start, lambda c, m, t: rpo_trainer(c, m, t, dataset))
+            summary = {"round": index, "pairs": len(dataset), "steps": round_steps, "train_metrics": metrics,
+                       **accuracy_trend(part.dir / "metrics.jsonl")}
+            if PartialState().is_main_process:
+                part.done_marker.write_text(json.dumps(summary, indent=2))
+        summary = json.loads(part.done_marker.read_text())
+        log.info("rpo round %d: %d pairs, preference accuracy %.2f -> %.2f", index, summary["pairs"],
+                 summary.get("accuracy_first", float("nan")), summary.get("accuracy_last", float("nan")))
+        rounds.append(summary)
+        steps += summary["steps"]
+        start = part.final
+    if PartialState().is_main_process:
+        tmp = ctx.final.with_name("final.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(start, tmp)
+        shutil.rmtree(ctx.final, ignore_errors=True)
+        os.replace(tmp, ctx.final)
+    PartialState().wait_for_everyone()
+    return steps, {"rounds": rounds}
