@@ -16,6 +16,7 @@ MACHINE_RANK ?=
 MAIN_PROCESS_IP ?=
 MAIN_PROCESS_PORT ?=
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -26,7 +27,7 @@ LAUNCH = $(PY) -m stages.launch --config $(CONFIG) --profile $(PROFILE) \
 	--num-machines "$(NUM_MACHINES)" --machine-rank "$(MACHINE_RANK)" \
 	--main-process-ip "$(MAIN_PROCESS_IP)" --main-process-port "$(MAIN_PROCESS_PORT)"
 
-.PHONY: setup pipeline sft-reasoning sft-chat rpo grpo test test-slow eval
+.PHONY: setup pipeline sft-reasoning sft-chat rpo grpo report bench-hybrid test test-slow eval
 
 setup: $(STAMP)
 
@@ -41,7 +42,7 @@ $(STAMP): pyproject.toml
 		|| echo "note: install bubblewrap (apt-get install bubblewrap) so the code reward can sandbox code"
 	touch $@
 
-pipeline: sft-reasoning sft-chat rpo grpo
+pipeline: sft-reasoning sft-chat rpo grpo report
 
 sft-reasoning: $(STAMP)
 	$(LAUNCH) sft_reasoning
@@ -60,6 +61,14 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+# Hybrid vs Transformer generation (CPU: reduced width; add BENCH_ARGS=--full on a GPU).
+bench-hybrid: $(STAMP)
+	$(PY) -m bench.bench_hybrid $(BENCH_ARGS)
+
+# The run report (eval table after every stage, plots) in the run directory; also the end of `make pipeline`.
+report: $(STAMP)
+	$(PY) -m stages report --config $(CONFIG) --profile $(PROFILE)
 
 # Evaluate any checkpoint on the held-out embedded tasks: make eval CHECKPOINT=runs/tiny/base
 eval: $(STAMP)

@@ -1,9 +1,13 @@
 """Rollout engine against transformers' ``generate()``: new tokens per second, and state memory.
 
-Both generate the same number of new tokens for the same prompts with the same model (greedy, no stop
-token, so every sequence runs to ``--new-tokens``); the ratio is measured in one run.
+Both decode greedily for the same prompts with the same model; the ratio is measured in one run. With a
+random model (``--layout``) no sequence stops, so both generate exactly ``--new-tokens`` per prompt.
+With a trained checkpoint (``--checkpoint``) sequences stop at their end-of-turn token at different
+lengths, as in RL rollouts: ``generate()`` keeps computing finished rows until the longest is done,
+while the engine hands their slots to waiting prompts; only tokens up to each end-of-turn count.
 
-    python -m bench.bench_rollout                      # tiny layout, batches 1, 16, 64, 256 new tokens
+    python -m bench.bench_rollout                                   # tiny layout, batches 1, 16, 64
+    python -m bench.bench_rollout --checkpoint runs/tiny/rpo/final  # a trained tiny model, real stops
     python -m bench.bench_rollout --layout nemotron-h-8b --hidden 256 --device cuda
 """
 
@@ -14,37 +18,41 @@ import argparse
 import torch
 
 from bench.common import bench_tokenizer, chat_prompts, header, timed
-from model.factory import build_model
+from model.factory import build_model, load_model, load_tokenizer
 from rollout.engine import RolloutEngine, StateCache
 from rollout.sampling import SamplingParams
 
 
-def hf_generate(model, tokenizer, prompts: list[list[int]], new_tokens: int) -> int:
-    """Left-padded batched ``generate()``; returns the number of new tokens."""
+def hf_generate(model, tokenizer, prompts: list[list[int]], new_tokens: int, stop: bool) -> int:
+    """Left-padded batched ``generate()``; returns the number of new tokens up to each end-of-turn."""
     tokenizer.padding_side = "left"
     batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(model.device)
-    out = model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id)
-    return (out.shape[1] - batch["input_ids"].shape[1]) * out.shape[0]
+    out = model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=None if stop else new_tokens,
+                         do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id if stop else None)
+    rows = out[:, batch["input_ids"].shape[1]:].tolist()
+    eos = tokenizer.eos_token_id
+    return sum(row.index(eos) + 1 if stop and eos in row else len(row) for row in rows)
 
 
-def engine_generate(engine: RolloutEngine, prompts: list[list[int]], new_tokens: int) -> int:
-    outs = engine.generate(prompts, SamplingParams(max_new_tokens=new_tokens, temperature=0, stop_token_ids=()))
-    return sum(len(o.token_ids) for o in outs)
+def engine_generate(engine: RolloutEngine, prompts: list[list[int]], new_tokens: int, stop: bool) -> int:
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0, stop_token_ids=None if stop else ())
+    return sum(len(o.token_ids) for o in engine.generate(prompts, params))
 
 
-def memory_lines(model, max_length: int) -> list[str]:
+def memory_lines(model) -> list[str]:
+    """Fixed Mamba state per sequence, and the attention KV it needs at 1k, 4k and 16k tokens."""
     cache = StateCache(model, slots=1, max_length=16)
     state, kv = cache.mamba_bytes_per_sequence(), cache.kv_bytes_per_token()
-    lines = [f"Mamba state per sequence (conv + SSM, any length): {state:,} bytes",
-             f"attention KV per sequence: " + ", ".join(f"{n // 1024}k tokens {kv * n:,} bytes"
-                                                        for n in (1024, 4096, 16384))]
-    return lines
+    return [f"Mamba state per sequence (conv + SSM, any length): {state:,} bytes",
+            "attention KV per sequence: " + ", ".join(f"{n // 1024}k tokens {kv * n:,} bytes"
+                                                      for n in (1024, 4096, 16384))]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layout", default="tiny")
+    parser.add_argument("--checkpoint", help="a trained checkpoint instead of a random layout (sequences stop)")
     parser.add_argument("--hidden", type=int, default=None, help="override hidden_size (reduced-width layouts)")
     parser.add_argument("--batches", default="1,16,64")
     parser.add_argument("--new-tokens", type=int, default=256)
@@ -52,23 +60,29 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
 
-    tokenizer = bench_tokenizer()
-    overrides = {"hidden_size": args.hidden} if args.hidden else {}
-    model = build_model(args.layout, tokenizer, dtype=getattr(torch, args.dtype), **overrides).to(args.device).eval()
+    dtype = getattr(torch, args.dtype)
+    if args.checkpoint:
+        tokenizer, model = load_tokenizer(args.checkpoint), load_model(args.checkpoint, dtype=dtype)
+    else:
+        tokenizer = bench_tokenizer()
+        overrides = {"hidden_size": args.hidden} if args.hidden else {}
+        model = build_model(args.layout, tokenizer, dtype=dtype, **overrides)
+    model = model.to(args.device).eval()
+    stop = bool(args.checkpoint)
     batches = [int(b) for b in args.batches.split(",")]
     prompts = chat_prompts(tokenizer, max(batches))
     engine = RolloutEngine(model, tokenizer, max_batch=max(batches),
                            max_length=max(map(len, prompts)) + args.new_tokens)
-    print(header(f"rollout engine vs transformers generate(): layout {args.layout}, "
-                 f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {args.new_tokens} new tokens"))
+    print(header(f"rollout engine vs transformers generate(): {args.checkpoint or 'layout ' + args.layout}, "
+                 f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {'up to ' if stop else ''}{args.new_tokens} new tokens"))
     print(f"{'batch':>5} {'generate() tok/s':>17} {'engine tok/s':>13} {'ratio':>6}")
-    engine_generate(engine, prompts[:2], 4)                                  # warm-up
+    engine_generate(engine, prompts[:2], 4, stop)                            # warm-up
     for batch in batches:
         with torch.no_grad():
-            n_hf, t_hf = timed(lambda: hf_generate(model, tokenizer, prompts[:batch], args.new_tokens))
-        n_en, t_en = timed(lambda: engine_generate(engine, prompts[:batch], args.new_tokens))
+            n_hf, t_hf = timed(lambda: hf_generate(model, tokenizer, prompts[:batch], args.new_tokens, stop))
+        n_en, t_en = timed(lambda: engine_generate(engine, prompts[:batch], args.new_tokens, stop))
         print(f"{batch:>5} {n_hf / t_hf:>17.0f} {n_en / t_en:>13.0f} {(n_en / t_en) / (n_hf / t_hf):>5.1f}x")
-    for line in memory_lines(model, args.new_tokens):
+    for line in memory_lines(model):
         print(line)
 
 

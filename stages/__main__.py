@@ -1,7 +1,8 @@
 """Command line: run one stage, or evaluate a checkpoint.
 
     accelerate launch -m stages sft_reasoning --config pipeline.yaml --profile tiny
-    python -m stages eval --checkpoint runs/tiny/base --stage sft_reasoning
+    python -m stages eval --checkpoint runs/tiny/base --eval-stage sft_reasoning
+    python -m stages report
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ STAGE_MODULES = {"sft": "stages.sft", "rpo": "stages.rpo", "grpo": "stages.grpo"
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", help="a stage name from pipeline.yaml, or 'eval'")
+    parser.add_argument("stage", help="a stage name from pipeline.yaml, 'eval', or 'report'")
     parser.add_argument("--config", default="pipeline.yaml", help="pipeline file (default: pipeline.yaml)")
     parser.add_argument("--profile", default="tiny", help="profile of the pipeline file (default: tiny)")
     parser.add_argument("--checkpoint", help="eval: the checkpoint directory to evaluate")
@@ -33,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.profile)
         if args.stage == "eval":
             return evaluate_checkpoint(config, args.checkpoint, args.eval_stage)
+        if args.stage == "report":
+            from stages.report import write_report
+
+            print(f"report: {write_report(config)}")
+            return 0
         from stages.runner import run_stage
 
         stage = config.stage(args.stage)

@@ -30,7 +30,7 @@ from rollout.engine import RolloutEngine
 from rollout.sampling import SamplingParams
 from stages.config import GRPOSpec
 from stages.evaluate import opened_reply
-from stages.runner import StageContext
+from stages.runner import StageContext, trainer_arguments
 from stages.scoring import SourceReward, render
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is marked experimental in TRL
@@ -167,27 +167,9 @@ class GRPOStageTrainer(GRPOTrainer):
 
 
 def training_args(ctx: StageContext) -> GRPOConfig:
-    spec, grpo = ctx.stage.trainer, ctx.stage.grpo
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(ctx.dir / "tensorboard")
+    grpo = ctx.stage.grpo
     return GRPOConfig(
-        output_dir=str(ctx.checkpoints),
-        max_steps=spec.max_steps,
-        learning_rate=spec.learning_rate,
-        per_device_train_batch_size=spec.per_device_train_batch_size,
-        gradient_accumulation_steps=spec.gradient_accumulation_steps,
-        lr_scheduler_type=spec.lr_scheduler_type,
-        warmup_steps=spec.warmup_steps,
-        weight_decay=spec.weight_decay,
-        max_grad_norm=spec.max_grad_norm,
-        logging_steps=spec.logging_steps,
-        save_steps=spec.save_steps,
-        save_total_limit=spec.save_total_limit,
-        bf16=spec.bf16,
-        gradient_checkpointing=spec.gradient_checkpointing,
-        seed=ctx.config.seed,
-        data_seed=ctx.config.seed,
-        report_to=["tensorboard"],
-        use_cpu=not torch.cuda.is_available(),
+        **trainer_arguments(ctx),
         num_generations=grpo.num_generations,
         max_completion_length=grpo.max_new_tokens,
         temperature=grpo.temperature,
@@ -200,7 +182,6 @@ def training_args(ctx: StageContext) -> GRPOConfig:
         vllm_importance_sampling_correction=grpo.importance_sampling,
         vllm_importance_sampling_mode=grpo.importance_sampling_mode,
         vllm_importance_sampling_clip_max=grpo.importance_sampling_cap,
-        save_only_model=False,
     )
 
 

@@ -34,7 +34,7 @@ from model.factory import load_model, load_tokenizer
 from rollout.engine import RolloutEngine
 from rollout.sampling import SamplingParams
 from stages.config import RPOSpec
-from stages.runner import DTYPES, StageContext, log, train_phase
+from stages.runner import DTYPES, StageContext, log, train_phase, trainer_arguments
 from stages.rpo_trainer import REF_COLUMNS, RPOConfig, RPOTrainer
 from stages.scoring import SourceReward, render
 
@@ -125,35 +125,16 @@ def round_dataset(ctx: StageContext, start: Path, round_index: int) -> Dataset:
 
 
 def training_args(ctx: StageContext) -> RPOConfig:
-    spec, rpo = ctx.stage.trainer, ctx.stage.rpo
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(ctx.dir / "tensorboard")
+    rpo = ctx.stage.rpo
     return RPOConfig(
-        output_dir=str(ctx.checkpoints),
-        max_steps=spec.max_steps,
-        learning_rate=spec.learning_rate,
-        per_device_train_batch_size=spec.per_device_train_batch_size,
-        gradient_accumulation_steps=spec.gradient_accumulation_steps,
-        lr_scheduler_type=spec.lr_scheduler_type,
-        warmup_steps=spec.warmup_steps,
-        weight_decay=spec.weight_decay,
-        max_grad_norm=spec.max_grad_norm,
-        max_length=spec.max_length,
-        logging_steps=spec.logging_steps,
-        save_steps=spec.save_steps,
-        save_total_limit=spec.save_total_limit,
-        bf16=spec.bf16,
-        activation_checkpointing=spec.gradient_checkpointing,
-        seed=ctx.config.seed,
-        data_seed=ctx.config.seed,
-        report_to=["tensorboard"],
-        use_cpu=not torch.cuda.is_available(),
+        **trainer_arguments(ctx),
+        max_length=ctx.stage.trainer.max_length,
         beta=rpo.beta,
         preference_loss=rpo.loss,
         reward_scale=rpo.eta,
         average_log_probs=rpo.average_log_probs,
         sft_loss_weight=rpo.sft_weight,
         precompute_ref_log_probs=True,
-        save_only_model=False,
     )
 
 

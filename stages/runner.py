@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,6 @@ from typing import Any, Protocol
 import torch
 from accelerate import PartialState
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from model.factory import build_model, is_layout_name, load_model, load_tokenizer
 from model.tokenizer import train_tokenizer
@@ -93,6 +94,66 @@ class MetricsLog(TrainerCallback):
             handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
 
+class Preemption(TrainerCallback):
+    """SIGTERM (a scheduler's preemption): save a checkpoint at the end of the current step and stop."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._request)
+
+    def _request(self, signum: int, frame: Any) -> None:
+        log.warning("SIGTERM: saving a checkpoint after this step, then exiting")
+        self.requested = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_save = control.should_training_stop = True
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a trainer checkpoint is unusable (missing or truncated files), or None if it is complete.
+
+    The trainer writes weights, optimizer and RNG state first and ``trainer_state.json`` last, so a
+    checkpoint cut short by a crash, a kill or a full disk lacks it or has a truncated file.
+    """
+    state_file = path / "trainer_state.json"
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError):
+        return "trainer_state.json is missing or truncated"
+    if f"checkpoint-{state.get('global_step')}" != path.name:
+        return f"trainer_state.json belongs to step {state.get('global_step')}"
+    weights = list(path.glob("*.safetensors"))
+    if not weights:
+        return "no model weights"
+    for file in weights:
+        with file.open("rb") as handle:
+            header = handle.read(8)
+            size = int.from_bytes(header, "little") if len(header) == 8 else -1
+            try:
+                meta = json.loads(handle.read(size)) if size > 0 else None
+            except ValueError:
+                meta = None
+        end = max((t["data_offsets"][1] for k, t in (meta or {}).items() if k != "__metadata__"), default=0)
+        if meta is None or file.stat().st_size != 8 + size + end:
+            return f"{file.name} is truncated"
+    return None
+
+
+def last_complete_checkpoint(directory: Path) -> Path | None:
+    """The newest checkpoint that is complete; broken newer ones are reported and passed over."""
+    if not directory.exists():
+        return None
+    found = sorted((p for p in directory.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for path in found:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        log.warning("checkpoint %s is incomplete (%s); using an earlier one", path, problem)
+    return None
+
+
 def base_model_dir(config: PipelineConfig) -> Path:
     """The first stage's starting point: a pretrained path as is, or a layout built once in the run dir."""
     if not is_layout_name(config.model.name):
@@ -153,10 +214,38 @@ def check_finished(ctx: StageContext) -> bool:
     return True
 
 
+def trainer_arguments(ctx: StageContext) -> dict[str, Any]:
+    """The TrainingArguments every stage shares, from ``trainer:`` (each stage adds its own)."""
+    spec = ctx.stage.trainer
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(ctx.dir / "tensorboard")  # transformers' TensorBoard setting
+    return dict(
+        output_dir=str(ctx.checkpoints),
+        max_steps=spec.max_steps,
+        learning_rate=spec.learning_rate,
+        per_device_train_batch_size=spec.per_device_train_batch_size,
+        gradient_accumulation_steps=spec.gradient_accumulation_steps,
+        lr_scheduler_type=spec.lr_scheduler_type,
+        warmup_steps=spec.warmup_steps,
+        weight_decay=spec.weight_decay,
+        max_grad_norm=spec.max_grad_norm,
+        logging_steps=spec.logging_steps,
+        save_steps=spec.save_steps,
+        save_total_limit=spec.save_total_limit,
+        bf16=spec.bf16,
+        activation_checkpointing=spec.gradient_checkpointing,
+        dataloader_num_workers=spec.dataloader_num_workers,
+        seed=ctx.config.seed,
+        data_seed=ctx.config.seed,
+        report_to=["tensorboard"],
+        save_only_model=False,
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
 def train_phase(ctx: StageContext, start: Path, build_trainer: Any) -> tuple[int, dict]:
     """Train from ``start`` into ``ctx.final``, resuming from the last checkpoint; returns (steps, metrics)."""
     ctx.dir.mkdir(parents=True, exist_ok=True)
-    resume = get_last_checkpoint(str(ctx.checkpoints)) if ctx.checkpoints.exists() else None
+    resume = last_complete_checkpoint(ctx.checkpoints)
     if resume:
         log.info("resuming %s from %s", ctx.label, resume)
     tokenizer = load_tokenizer(start)
@@ -166,7 +255,12 @@ def train_phase(ctx: StageContext, start: Path, build_trainer: Any) -> tuple[int
     model = load_model(resume or start, dtype=DTYPES[ctx.config.model.dtype])
     trainer = build_trainer(ctx, model, tokenizer)
     trainer.add_callback(MetricsLog(ctx.dir / "metrics.jsonl"))
-    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.add_callback(preemption := Preemption())
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if preemption.requested:
+        log.warning("%s stopped at step %d on SIGTERM; rerun the same target to continue", ctx.label,
+                    trainer.state.global_step)
+        raise SystemExit(0)
     trainer.save_model(str(ctx.final))  # weights, config and the tokenizer (the trainer's processing_class)
     return trainer.state.global_step, result.metrics
 

@@ -8,7 +8,6 @@ boundaries (see ``model.packing``).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -19,7 +18,7 @@ from trl import SFTConfig, SFTTrainer
 from data_blends.blend import build_examples
 from data_blends.chat import conversation, tokenize_conversation
 from model.packing import packing_is_exact
-from stages.runner import StageContext
+from stages.runner import StageContext, trainer_arguments
 from stages.schema import ConfigError
 
 
@@ -37,34 +36,14 @@ def tokenized_dataset(ctx: StageContext, tokenizer: Any) -> Dataset:
 
 def training_args(ctx: StageContext) -> SFTConfig:
     spec = ctx.stage.trainer
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(ctx.dir / "tensorboard")  # transformers' TensorBoard setting
     return SFTConfig(
-        output_dir=str(ctx.checkpoints),
-        max_steps=spec.max_steps,
-        learning_rate=spec.learning_rate,
-        per_device_train_batch_size=spec.per_device_train_batch_size,
-        gradient_accumulation_steps=spec.gradient_accumulation_steps,
-        lr_scheduler_type=spec.lr_scheduler_type,
-        warmup_steps=spec.warmup_steps,
-        weight_decay=spec.weight_decay,
-        max_grad_norm=spec.max_grad_norm,
+        **trainer_arguments(ctx),
         max_length=spec.max_length,
-        logging_steps=spec.logging_steps,
-        save_steps=spec.save_steps,
-        save_total_limit=spec.save_total_limit,
-        bf16=spec.bf16,
-        gradient_checkpointing=spec.gradient_checkpointing,
         packing=spec.packing,
         padding_free=spec.packing,
         train_sampling_strategy="group_by_length" if spec.group_by_length else "random",
-        dataloader_num_workers=spec.dataloader_num_workers,
-        seed=ctx.config.seed,
-        data_seed=ctx.config.seed,
-        report_to=["tensorboard"],
         include_num_input_tokens_seen=True,
         completion_only_loss=False,  # the assistant mask already selects the trained tokens
-        save_only_model=False,
-        use_cpu=not torch.cuda.is_available(),
     )
 
 

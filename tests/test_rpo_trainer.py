@@ -8,7 +8,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from data_blends.preference import read_pairs_jsonl, to_dpo_columns
+from data_blends.preference import read_pairs, to_dpo_columns
 from model.factory import build_model
 from stages.rpo_trainer import RPOConfig, RPOTrainer
 from tests.conftest import FIXTURES
@@ -20,7 +20,7 @@ SIDES = ("chosen", "rejected")
 @pytest.fixture(scope="module")
 def rows(tokenizer) -> list[dict]:
     """Four pairs: the NeMo-Aligner sample in /no_think, and its first pair again in /think."""
-    pairs = list(read_pairs_jsonl(FIXTURES / "nemo_aligner_rpo_sample.jsonl", "nemo"))
+    pairs = list(read_pairs("jsonl", FIXTURES / "nemo_aligner_rpo_sample.jsonl", "nemo"))
     return [to_dpo_columns(p, tokenizer, think=False) for p in pairs] + [to_dpo_columns(pairs[0], tokenizer, True)]
 
 

@@ -123,3 +123,43 @@ def test_kill_9_then_rerun_resumes_with_the_same_losses(finished_run, tmp_path):
     assert sorted(after) == list(range(resumed_from + 2, 41, 2))
     for step, loss in after.items():
         assert loss == pytest.approx(reference[step], abs=1e-5), step
+
+
+def test_sigterm_saves_a_checkpoint_exits_0_and_the_rerun_continues(finished_run, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copytree(finished_run / "base", run_dir / "base")
+    config = write_pipeline(tmp_path, str(run_dir))
+    process = subprocess.Popen(stage_command(config), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    metrics = run_dir / "sft_reasoning" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while (not metrics.exists() or not metrics.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-2000:]
+    stopped = int(re.search(r"stopped at step (\d+) on SIGTERM", stderr).group(1))
+    assert 2 <= stopped < 40 and (run_dir / "sft_reasoning" / "checkpoints" / f"checkpoint-{stopped}").exists()
+    assert not (run_dir / "sft_reasoning" / "DONE.json").exists()
+    result = run(config)
+    assert f"checkpoint-{stopped}" in re.search(r"resuming sft_reasoning from \S+", result.stderr).group(0)
+    assert json.loads((run_dir / "sft_reasoning" / "DONE.json").read_text())["steps"] == 40
+
+
+def test_an_incomplete_checkpoint_is_passed_over(finished_run, tmp_path):
+    from stages.runner import checkpoint_problem, last_complete_checkpoint
+
+    source = finished_run / "sft_reasoning" / "checkpoints"
+    complete = sorted(source.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    for path in complete[-2:]:
+        shutil.copytree(path, tmp_path / path.name)
+    older, newer = (tmp_path / p.name for p in complete[-2:])
+    assert last_complete_checkpoint(tmp_path) == newer
+    weights = newer / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])                     # a save cut short by a crash
+    assert checkpoint_problem(newer) == "model.safetensors is truncated"
+    assert last_complete_checkpoint(tmp_path) == older
+    (older / "trainer_state.json").write_text('{"global_st')
+    assert checkpoint_problem(older) == "trainer_state.json is missing or truncated"
+    assert last_complete_checkpoint(tmp_path) is None

@@ -1,0 +1,97 @@
+"""GRPO step time with our rollout engine against TRL's built-in generation, measured in one run.
+
+Both trainers run the same steps: same model and weights, prompts, group size, completion length and
+seed, with a reward that scores every completion (so no group is skipped and no step differs in work).
+Ours generates through ``rollout_func`` with the engine; TRL's generates with ``model.generate()``.
+
+    python -m bench.bench_grpo                          # 16 prompts x 8 generations x 256 new tokens
+    python -m bench.bench_grpo --checkpoint runs/tiny/rpo/final      # a trained model: replies stop
+    python -m bench.bench_grpo --prompts 4 --new-tokens 32 --steps 1      # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
+from trl import GRPOConfig, GRPOTrainer
+
+from bench.common import bench_tokenizer, header
+from data_blends import generators
+from data_blends.chat import prompt_messages
+from model.factory import build_model, load_model, load_tokenizer
+from stages.config import GRPOSpec
+from stages.grpo import EngineRollout, GRPOStageTrainer
+
+
+def length_reward(prompts: list, completions: list, completion_ids: list[list[int]], **_: Any) -> list[float]:
+    """A reward every completion gets, varying within a group: its length parity."""
+    return [float(len(ids) % 2) for ids in completion_ids]
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self._start)
+
+
+def trainer_args(out: str, batch: int, group: int, new_tokens: int, steps: int) -> GRPOConfig:
+    return GRPOConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=batch, num_generations=group,
+                      max_completion_length=new_tokens, learning_rate=1e-5, logging_steps=1, save_strategy="no",
+                      report_to=[], use_cpu=not torch.cuda.is_available(), seed=0, temperature=1.0, beta=0.0,
+                      mask_truncated_completions=False, vllm_importance_sampling_correction=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layout", default="tiny")
+    parser.add_argument("--checkpoint", help="a trained checkpoint instead of a random layout")
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--group", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=2)
+    args = parser.parse_args()
+
+    if args.checkpoint:
+        tokenizer, model = load_tokenizer(args.checkpoint), load_model(args.checkpoint)
+    else:
+        tokenizer = bench_tokenizer()
+        model = build_model(args.layout, tokenizer, seed=0)
+    rows = generators.generate("math", "test", args.prompts)
+    dataset = Dataset.from_list([{"prompt": prompt_messages(r, i % 2 == 0)} for i, r in enumerate(rows)])
+    batch = args.prompts * args.group
+    spec = GRPOSpec(num_generations=args.group, max_new_tokens=args.new_tokens, dynamic_sampling=False,
+                    engine_max_batch=batch)
+    print(header(f"GRPO step: rollout engine vs TRL generate(); {args.checkpoint or 'layout ' + args.layout}, {args.prompts} prompts x "
+                 f"{args.group} generations x {args.new_tokens} new tokens, {args.steps} steps each"))
+    timings = {}
+    for name in ("TRL generate()", "rollout engine"):
+        common = dict(model=copy.deepcopy(model), reward_funcs=[length_reward], train_dataset=dataset,
+                      processing_class=tokenizer,
+                      args=trainer_args(f"/tmp/bench_grpo_{name[:3]}", batch, args.group, args.new_tokens, args.steps))
+        if name == "rollout engine":
+            trainer = GRPOStageTrainer(**common, spec=spec,
+                                       rollout=EngineRollout(spec, tokenizer, seed=0, max_prompt_length=512))
+        else:
+            trainer = GRPOTrainer(**common)
+        timer = StepTimer()
+        trainer.add_callback(timer)
+        trainer.train()
+        timings[name] = timer.times
+        print(f"{name:>16}: step times {', '.join(f'{t:.1f} s' for t in timer.times)}", flush=True)
+    trl, ours = (sum(timings[k]) / len(timings[k]) for k in ("TRL generate()", "rollout engine"))
+    print(f"GRPO step speed-up with the rollout engine: {trl / ours:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Hybrid against its Transformer twin: generation throughput, memory, and the bandwidth roofline.
+
+The twin has the hybrid's layer pattern with every Mamba layer replaced by an attention layer, so both
+have the same depth, MLPs and width; both run in our rollout engine with random weights. For each
+input/output length and batch the bench measures new tokens per second and the engine's state memory
+(Mamba states plus KV cache for all slots), computes the roofline of a decode step (weights, Mamba
+states and the KV cache at the average context read once per step, at the bandwidth measured here by a
+large copy), and writes a Markdown and CSV table and a PNG plot.
+
+    python -m bench.bench_hybrid                                  # CPU, reduced width and lengths
+    python -m bench.bench_hybrid --full                           # GPU: Nemotron-H-8B and Nano-9B-v2 sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bench.common import bench_tokenizer, header, timed
+from model.configs import layout, reduced
+from model.factory import build_model
+from rollout.engine import RolloutEngine
+from rollout.sampling import SamplingParams
+
+
+@dataclass
+class Shape:
+    input_len: int
+    output_len: int
+    batch: int
+
+
+CPU_SHAPES = [Shape(i, o, b) for i, o in ((64, 64), (64, 256), (64, 1024)) for b in (1, 8)]
+GPU_SHAPES = [Shape(i, o, b) for i, o in ((1024, 1024), (1024, 8192), (8192, 16384)) for b in (1, 8, 64)] + [
+    Shape(65536, 1024, 1), Shape(65536, 1024, 8)]
+
+
+def twin_pattern(pattern: str) -> str:
+    """The hybrid's pattern with every Mamba layer ("M") an attention layer ("*")."""
+    return pattern.replace("M", "*")
+
+
+def configs(name: str, full: bool) -> dict[str, dict]:
+    hybrid = layout(name) if full else reduced(name, hidden_size=128)
+    return {"hybrid": hybrid, "transformer": hybrid | {"hybrid_override_pattern": twin_pattern(
+        hybrid["hybrid_override_pattern"])}}
+
+
+def bandwidth(device: str) -> float:
+    """Bytes per second of a large copy on this device (read plus write)."""
+    size = 1 << 28 if device == "cuda" else 1 << 26
+    src = torch.empty(size, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    runs = [timed(lambda: dst.copy_(src))[1] for _ in range(5)]
+    return 2 * size / sorted(runs)[len(runs) // 2]
+
+
+def roofline_tokens_per_second(engine: RolloutEngine, shape: Shape, bw: float) -> float:
+    """Decode tokens/s if each step read the weights, the Mamba states and the KV at the mean context once."""
+    weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    cache = engine.cache
+    context = shape.input_len + shape.output_len / 2
+    per_seq = cache.mamba_bytes_per_sequence() + cache.kv_bytes_per_token() * context
+    return shape.batch / ((weights + shape.batch * per_seq) / bw)
+
+
+def measure(model, tokenizer, shape: Shape, bw: float) -> dict:
+    engine = RolloutEngine(model, tokenizer, max_batch=shape.batch, max_length=shape.input_len + shape.output_len)
+    prompts = torch.randint(10, len(tokenizer), (shape.batch, shape.input_len), generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(max_new_tokens=shape.output_len, temperature=0, stop_token_ids=())
+    engine.generate(prompts[:, :8].tolist(), SamplingParams(max_new_tokens=2, temperature=0))   # allocates, warms up
+    outs, seconds = timed(lambda: engine.generate(prompts.tolist(), params))
+    new_tokens = sum(len(o.token_ids) for o in outs)
+    cache = engine.cache
+    state_bytes = cache.mamba_bytes_per_sequence() + cache.kv_bytes_per_token() * (shape.input_len + shape.output_len)
+    measured = new_tokens / seconds
+    roofline = roofline_tokens_per_second(engine, shape, bw)
+    return {"tokens_per_s": measured, "state_mib_per_seq": state_bytes / 2**20, "roofline_tokens_per_s": roofline,
+            "of_roofline": measured / roofline}
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for (model, batch) in sorted({(r["model"], r["batch"]) for r in rows}):
+        mine = sorted((r for r in rows if r["model"] == model and r["batch"] == batch), key=lambda r: r["output_len"])
+        xs = [r["output_len"] for r in mine]
+        left.plot(xs, [r["tokens_per_s"] for r in mine], marker="o", label=f"{model}, batch {batch}")
+        right.plot(xs, [r["state_mib_per_seq"] for r in mine], marker="o", label=f"{model}, batch {batch}")
+    for axis, label in ((left, "new tokens / s"), (right, "state MiB per sequence")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("output tokens")
+        axis.set_ylabel(label)
+        axis.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layout", default="nemotron-h-8b")
+    parser.add_argument("--full", action="store_true", help="full-size layouts and lengths (a GPU)")
+    parser.add_argument("--out", default="bench/results/hybrid")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if args.full else torch.float32
+    tokenizer = bench_tokenizer()
+    bw = bandwidth(device)
+    shapes = GPU_SHAPES if args.full else CPU_SHAPES
+    title = f"hybrid vs Transformer twin, layout {args.layout}{'' if args.full else ' at reduced width'}"
+    lines = [header(title), f"# measured copy bandwidth: {bw / 1e9:.1f} GB/s"]
+    rows = []
+    for name, config in configs(args.layout, args.full).items():
+        model = build_model(args.layout, tokenizer, dtype=dtype, **config).to(device).eval()
+        params = sum(p.numel() for p in model.parameters())
+        lines.append(f"# {name}: pattern {config['hybrid_override_pattern']}, {params / 1e6:.2f}M parameters")
+        for shape in shapes:
+            try:
+                result = measure(model, tokenizer, shape, bw)
+            except torch.OutOfMemoryError:
+                lines.append(f"# {name} {shape}: does not fit, skipped")
+                torch.cuda.empty_cache()
+                continue
+            rows.append({"model": name, **shape.__dict__, **result})
+            print(rows[-1], flush=True)
+        del model
+    table = ["| input | output | batch | hybrid tok/s | transformer tok/s | hybrid / transformer | hybrid MiB/seq | "
+             "transformer MiB/seq | hybrid of roofline | transformer of roofline |", "|" + "---|" * 10]
+    for shape in shapes:
+        pair = {r["model"]: r for r in rows if (r["input_len"], r["output_len"], r["batch"]) == tuple(shape.__dict__.values())}
+        if len(pair) < 2:
+            continue
+        h, t = pair["hybrid"], pair["transformer"]
+        table.append(f"| {shape.input_len} | {shape.output_len} | {shape.batch} | {h['tokens_per_s']:.0f} | "
+                     f"{t['tokens_per_s']:.0f} | {h['tokens_per_s'] / t['tokens_per_s']:.2f}x | "
+                     f"{h['state_mib_per_seq']:.2f} | {t['state_mib_per_seq']:.2f} | {h['of_roofline']:.0%} | "
+                     f"{t['of_roofline']:.0%} |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = "\n".join(lines + [""] + table) + "\n"
+    (out / "hybrid.md").write_text(report)
+    with (out / "hybrid.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, out / "hybrid.png")
+    print(report)
+    print(f"written: {out}/hybrid.md, hybrid.csv, hybrid.png")
+
+
+if __name__ == "__main__":
+    main()
