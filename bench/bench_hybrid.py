@@ -44,10 +44,21 @@ def twin_pattern(pattern: str) -> str:
     return pattern.replace("M", "*")
 
 
+def parameters(config: dict) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_model("tiny", **config).parameters())
+
+
 def configs(name: str, full: bool) -> dict[str, dict]:
+    """The hybrid and its twin, whose MLP width is set so both have about the same parameter count."""
     hybrid = layout(name) if full else reduced(name, hidden_size=128)
-    return {"hybrid": hybrid, "transformer": hybrid | {"hybrid_override_pattern": twin_pattern(
-        hybrid["hybrid_override_pattern"])}}
+    twin = hybrid | {"hybrid_override_pattern": twin_pattern(hybrid["hybrid_override_pattern"])}
+    # Parameters are linear in the MLP width: two counts fix the line, and the width that matches follows.
+    low, high = (parameters(twin | {"intermediate_size": w}) for w in (hybrid["intermediate_size"],
+                                                                      2 * hybrid["intermediate_size"]))
+    per_unit = (high - low) / hybrid["intermediate_size"]
+    width = hybrid["intermediate_size"] + round((parameters(hybrid) - low) / per_unit)
+    return {"hybrid": hybrid, "transformer": twin | {"intermediate_size": max(width, 1)}}
 
 
 def bandwidth(device: str) -> float:
@@ -122,7 +133,8 @@ def main() -> None:
     for name, config in configs(args.layout, args.full).items():
         model = build_model(args.layout, tokenizer, dtype=dtype, **config).to(device).eval()
         params = sum(p.numel() for p in model.parameters())
-        lines.append(f"# {name}: pattern {config['hybrid_override_pattern']}, {params / 1e6:.2f}M parameters")
+        lines.append(f"# {name}: pattern {config['hybrid_override_pattern']}, MLP width {config['intermediate_size']}, "
+                     f"{params / 1e6:.2f}M parameters")
         for shape in shapes:
             try:
                 result = measure(model, tokenizer, shape, bw)

@@ -285,6 +285,9 @@ def run_stage(config: PipelineConfig, stage_name: str, module: StageModule) -> d
         # Evaluate the saved checkpoint, not the trainer's model: under FSDP or ZeRO-3 the latter is
         # sharded across processes and cannot generate on the main process alone.
         report = evaluate(load_model(ctx.final, dtype=DTYPES[config.model.dtype]), tokenizer, ctx.stage.eval)
+        before = start.parent / "eval.json"  # the previous stage's eval: this stage's before/after table
+        if before.exists():
+            report["before"] = {"stage": start.parent.name, "summary": json.loads(before.read_text())["summary"]}
         (ctx.dir / "eval.json").write_text(json.dumps(report, indent=2))
         print_table(report, title=f"{stage_name}: held-out evaluation")
         summary = {"stage": stage_name, "config_hash": config.stage_hash(stage_name),
