@@ -103,8 +103,14 @@ class RolloutEngine:
         self.tokenizer = tokenizer
         self.max_batch, self.max_length = max_batch, max_length
         self.cache: StateCache | None = None
-        self.think_start = tokenizer.encode("<think>", add_special_tokens=False)
         self.think_end = tokenizer.encode("</think>", add_special_tokens=False)
+        self._derive_constants()
+
+    def _derive_constants(self) -> None:
+        """A = -exp(A_log) of each Mamba layer, computed once per weight version instead of per step."""
+        layers = self.model.model.layers
+        self.decay: dict[int, torch.Tensor] = {i: -torch.exp(block.mixer.A_log.float())
+                                               for i, block in enumerate(layers) if block.block_type == MAMBA}
 
     @property
     def device(self) -> torch.device:
@@ -119,6 +125,7 @@ class RolloutEngine:
             raise KeyError(f"load_weights: the source has no {missing[:3]} (and {max(len(missing) - 3, 0)} more)")
         for name, tensor in own.items():
             tensor.copy_(state[name])
+        self._derive_constants()
 
     # ---- generation -------------------------------------------------------------------------------------
 
@@ -147,10 +154,9 @@ class RolloutEngine:
             while waiting and free:
                 admitted.append(waiting.popleft())
                 admitted[-1].slot = free.pop()
-            if admitted:
+            if admitted:  # their first token may already end them
                 self._choose(admitted, self._prefill(admitted), params)
-                running += admitted
-            running = self._retire(running, stops, params, free, bar)
+                running += self._retire(admitted, stops, params, free, bar)
             if running:
                 self._choose(running, self._decode(running), params)
                 running = self._retire(running, stops, params, free, bar)
@@ -169,7 +175,8 @@ class RolloutEngine:
         forcing = [bool(s.to_force) for s in seqs]
         if any(forcing):
             model_logprobs = torch.log_softmax(logits.float(), dim=-1)
-            tokens = torch.tensor([s.to_force.popleft() if f else t for s, f, t in zip(seqs, forcing, tokens.tolist())],
+            sampled = tokens.tolist()
+            tokens = torch.tensor([s.to_force.popleft() if f else t for s, f, t in zip(seqs, forcing, sampled)],
                                   device=logits.device)
             logprobs = torch.where(torch.tensor(forcing, device=logits.device)[:, None], model_logprobs, logprobs)
         chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
@@ -195,7 +202,7 @@ class RolloutEngine:
         """Mark finished sequences and give their slots back; returns those still running."""
         still = []
         for seq in running:
-            if seq.tokens[-1] in stops and not seq.forced[-1] or self._stop_string(seq, params) is not None:
+            if self._ends_on_stop_token(seq, stops) or self._hit_stop_string(seq, params):
                 seq.finish_reason = "stop"
             elif len(seq.tokens) >= params.max_new_tokens:
                 seq.finish_reason = "length"
@@ -206,17 +213,20 @@ class RolloutEngine:
                 bar.update()
         return still
 
-    def _stop_string(self, seq: _Sequence, params: SamplingParams) -> int | None:
-        """Character offset of a stop string in the completion's recent text, if one just appeared."""
+    @staticmethod
+    def _ends_on_stop_token(seq: _Sequence, stops: set[int]) -> bool:
+        return seq.tokens[-1] in stops and not seq.forced[-1]
+
+    def _hit_stop_string(self, seq: _Sequence, params: SamplingParams) -> bool:
+        """Whether a stop string just appeared in the completion's recent text."""
         if not params.stop_strings:
-            return None
+            return False
         window = max(len(s) for s in params.stop_strings) + 8
         tail = self.tokenizer.decode(seq.tokens[-window:], skip_special_tokens=False)
-        hits = [tail.find(s) for s in params.stop_strings if s in tail]
-        return min(hits) if hits else None
+        return any(s in tail for s in params.stop_strings)
 
     def _completion(self, seq: _Sequence, stops: set[int], params: SamplingParams) -> Completion:
-        body = seq.tokens[:-1] if seq.tokens[-1] in stops and not seq.forced[-1] else seq.tokens
+        body = seq.tokens[:-1] if self._ends_on_stop_token(seq, stops) else seq.tokens
         text = self.tokenizer.decode(body, skip_special_tokens=False)
         cut = [text.find(s) for s in params.stop_strings if s in text]
         return Completion(seq.prompt_ids, seq.tokens, seq.logprobs, seq.forced, text[: min(cut)] if cut else text,
@@ -231,16 +241,9 @@ class RolloutEngine:
         lengths = torch.tensor([len(s.prompt_ids) for s in seqs], device=device)
         cu = F.pad(lengths.cumsum(0), (1, 0))
         slots = torch.tensor([s.slot for s in seqs], device=device)
-        hidden = self.model.model.embeddings(ids)
-        for i, block in enumerate(self.model.model.layers):
-            x = block.norm(hidden.to(block.norm.weight.dtype))
-            if block.block_type == MAMBA:
-                x = self._mamba_prefill(i, block.mixer, x, cu, slots)
-            elif block.block_type == ATTENTION:
-                x = self._attention_prefill(i, block.mixer, x, cu, slots)
-            else:
-                x = block.mixer(x)
-            hidden = hidden + x
+        hidden = self._layers(self.model.model.embeddings(ids),
+                              lambda i, mixer, x: self._mamba_prefill(i, mixer, x, cu, slots),
+                              lambda i, attn, x: self._attention_prefill(i, attn, x, cu, slots))
         self.cache.lengths[slots] = lengths
         return self._logits(hidden[0, cu[1:] - 1])
 
@@ -250,35 +253,49 @@ class RolloutEngine:
         tokens = torch.tensor([s.tokens[-1] for s in seqs], device=device)
         slots = torch.tensor([s.slot for s in seqs], device=device)
         positions = self.cache.lengths[slots]
-        hidden = self.model.model.embeddings(tokens)
+        span = int(positions.max()) + 1                  # one host sync per step, shared by all attention layers
+        visible = torch.arange(span, device=device)[None] <= positions[:, None]             # [batch, span]
+        hidden = self._layers(self.model.model.embeddings(tokens),
+                              lambda i, mixer, x: self._mamba_step(i, mixer, x, slots),
+                              lambda i, attn, x: self._attention_step(i, attn, x, slots, positions, visible))
+        self.cache.lengths[slots] = positions + 1
+        return self._logits(hidden)
+
+    def _layers(self, hidden: torch.Tensor, mamba: Any, attention: Any) -> torch.Tensor:
+        """The residual stack; Mamba and attention mixers run through the given stateful functions."""
         for i, block in enumerate(self.model.model.layers):
             x = block.norm(hidden.to(block.norm.weight.dtype))
             if block.block_type == MAMBA:
-                x = self._mamba_step(i, block.mixer, x, slots)
+                x = mamba(i, block.mixer, x)
             elif block.block_type == ATTENTION:
-                x = self._attention_step(i, block.mixer, x, slots, positions)
+                x = attention(i, block.mixer, x)
             else:
                 x = block.mixer(x)
             hidden = hidden + x
-        self.cache.lengths[slots] = positions + 1
-        return self._logits(hidden)
+        return hidden
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.model.model.norm_f(hidden)).float()
 
     @staticmethod
     def _mamba_split(mixer: Any, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """in_proj's output as (gate, conv input x|B|C, dt)."""
         return projected.split([mixer.intermediate_size, mixer.conv_dim, mixer.num_heads], dim=-1)
+
+    @staticmethod
+    def _ssm_inputs(mixer: Any, xbc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The conv output as (x, B, C)."""
+        return xbc.split([mixer.intermediate_size, *2 * [mixer.n_groups * mixer.ssm_state_size]], dim=-1)
 
     def _mamba_prefill(self, i: int, mixer: Any, x: torch.Tensor, cu: torch.Tensor, slots: torch.Tensor):
         total = x.shape[1]
         gate, xbc, dt = self._mamba_split(mixer, mixer.in_proj(x))
         xbc, conv_states = kernels.causal_conv1d(xbc, mixer.conv1d.weight[:, 0], mixer.conv1d.bias, cu_seqlens=cu)
         self.cache.conv[i][slots] = conv_states.to(self.cache.conv[i].dtype)
-        xs, B, C = xbc.split([mixer.intermediate_size, *2 * [mixer.n_groups * mixer.ssm_state_size]], dim=-1)
+        xs, B, C = self._ssm_inputs(mixer, xbc)
         groups = (1, total, mixer.n_groups, mixer.ssm_state_size)
         y, states = kernels.ssd_scan(
-            xs.reshape(1, total, mixer.num_heads, mixer.head_dim), dt, -torch.exp(mixer.A_log.float()),
+            xs.reshape(1, total, mixer.num_heads, mixer.head_dim), dt, self.decay[i],
             B.reshape(groups), C.reshape(groups), mixer.D, mixer.dt_bias, chunk_size=mixer.chunk_size,
             dt_limit=mixer.time_step_limit, cu_seqlens=cu)
         self.cache.ssm[i][slots] = states.to(self.cache.ssm[i].dtype)
@@ -289,11 +306,11 @@ class RolloutEngine:
         gate, xbc, dt = self._mamba_split(mixer, mixer.in_proj(x))
         xbc = kernels.causal_conv1d_update(xbc, self.cache.conv[i], mixer.conv1d.weight[:, 0], mixer.conv1d.bias,
                                            slot_idx=slots)
-        xs, B, C = xbc.split([mixer.intermediate_size, *2 * [mixer.n_groups * mixer.ssm_state_size]], dim=-1)
+        xs, B, C = self._ssm_inputs(mixer, xbc)
         groups = (batch, mixer.n_groups, mixer.ssm_state_size)
         y = kernels.selective_state_update(
             self.cache.ssm[i], xs.reshape(batch, mixer.num_heads, mixer.head_dim), dt,
-            -torch.exp(mixer.A_log.float()), B.reshape(groups), C.reshape(groups), mixer.D, mixer.dt_bias,
+            self.decay[i], B.reshape(groups), C.reshape(groups), mixer.D, mixer.dt_bias,
             slot_idx=slots, dt_limit=mixer.time_step_limit)
         return mixer.out_proj(mixer.norm(y.reshape(batch, -1), gate).to(x.dtype))
 
@@ -313,13 +330,13 @@ class RolloutEngine:
                 enable_gqa=True)
         return attn.o_proj(out.transpose(0, 1).flatten(1))[None]
 
-    def _attention_step(self, i: int, attn: Any, x: torch.Tensor, slots: torch.Tensor,
-                        positions: torch.Tensor) -> torch.Tensor:
+    def _attention_step(self, i: int, attn: Any, x: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+                        visible: torch.Tensor) -> torch.Tensor:
+        """One token per sequence; ``visible`` [batch, span] marks each row's cached positions."""
         q, k, v = (self._heads(attn, x[:, None], p) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
         self.cache.keys[i][slots, :, positions] = k[:, :, 0]
         self.cache.values[i][slots, :, positions] = v[:, :, 0]
-        span = int(positions.max()) + 1
-        visible = torch.arange(span, device=x.device)[None] <= positions[:, None]          # [batch, span]
+        span = visible.shape[1]
         out = F.scaled_dot_product_attention(
             q, self.cache.keys[i][slots, :, :span], self.cache.values[i][slots, :, :span],
             attn_mask=visible[:, None, None], scale=attn.scaling, enable_gqa=True)

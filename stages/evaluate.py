@@ -13,7 +13,8 @@ from typing import Any
 
 from data_blends import generators
 from data_blends.chat import prompt_messages
-from rewards import get_reward
+from rewards import get_reward, summarize
+from rewards.common import answer_text
 from rewards.safety import is_refusal
 from rollout.engine import RolloutEngine
 from rollout.sampling import SamplingParams
@@ -41,16 +42,15 @@ def source_metrics(source: str, rows: list[dict], prompts: list[str], replies: l
     """Score one source's replies with its reward and turn the scores into the source's metrics."""
     columns = {key: [row[key] for row in rows] for key in ("gold", "tests", "constraints")}
     scores = get_reward(source)(prompts=prompts, completions=replies, **columns)
-    scored = [s for s in scores if s is not None]
-    unscored = (len(scores) - len(scored)) / len(scores)
     if source == "safety":
-        answers = [reply.rsplit("</think>", 1)[-1] for reply in replies]
+        answers = [answer_text(reply) for reply in replies]
         harmful = [is_refusal(a) for a, row in zip(answers, rows) if row["gold"] == "refuse"]
         benign = [is_refusal(a) for a, row in zip(answers, rows) if row["gold"] == "comply"]
         return {"refusal_rate": sum(harmful) / max(len(harmful), 1),
                 "over_refusal_rate": sum(benign) / max(len(benign), 1)}
     name = "pass_rate" if source == "ifeval" else "accuracy"
-    return {name: sum(s >= 1.0 for s in scored) / len(scores), "unscored": unscored}
+    return {name: sum(s is not None and s >= 1.0 for s in scores) / len(scores),
+            "unscored": summarize(scores)["unscorable"]}
 
 
 def evaluate(model: Any, tokenizer: Any, spec: EvalSpec) -> dict[str, Any]:

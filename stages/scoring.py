@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from rewards import get_reward, weighted_sum
+from rewards import get_reward, summarize, weighted_sum
 from stages.evaluate import opened_reply
 
 
@@ -48,6 +48,6 @@ class SourceReward:
         for i, value in zip(mine, weighted_sum(parts, self.weights)):
             scores[i] = value
         if log_metric is not None:
-            log_metric(f"unscorable/{self.source}", sum(scores[i] is None for i in mine) / len(mine))
+            log_metric(f"unscorable/{self.source}", summarize([scores[i] for i in mine])["unscorable"])
             log_metric(f"time/scoring_{self.source}_s", time.perf_counter() - start)
         return scores
