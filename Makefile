@@ -15,6 +15,7 @@ NUM_MACHINES ?=
 MACHINE_RANK ?=
 MAIN_PROCESS_IP ?=
 MAIN_PROCESS_PORT ?=
+RERUN_FROM ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
@@ -27,7 +28,7 @@ LAUNCH = $(PY) -m stages.launch --config $(CONFIG) --profile $(PROFILE) \
 	--num-machines "$(NUM_MACHINES)" --machine-rank "$(MACHINE_RANK)" \
 	--main-process-ip "$(MAIN_PROCESS_IP)" --main-process-port "$(MAIN_PROCESS_PORT)"
 
-.PHONY: setup pipeline sft-reasoning sft-chat rpo grpo report bench-hybrid test test-slow eval
+.PHONY: setup rerun-from pipeline sft-reasoning sft-chat rpo grpo report bench-hybrid test test-slow eval
 
 setup: $(STAMP)
 
@@ -44,16 +45,21 @@ $(STAMP): pyproject.toml
 
 pipeline: sft-reasoning sft-chat rpo grpo report
 
-sft-reasoning: $(STAMP)
+# RERUN_FROM=<stage>: move that stage's results and every later stage's to <run_dir>/superseded/ once,
+# before any stage of this make command runs, so they train again (e.g. after changing their config).
+rerun-from: $(STAMP)
+	$(if $(RERUN_FROM),$(PY) -m stages rerun-from $(RERUN_FROM) --config $(CONFIG) --profile $(PROFILE))
+
+sft-reasoning: rerun-from
 	$(LAUNCH) sft_reasoning
 
-sft-chat: $(STAMP)
+sft-chat: rerun-from
 	$(LAUNCH) sft_chat
 
-rpo: $(STAMP)
+rpo: rerun-from
 	$(LAUNCH) rpo
 
-grpo: $(STAMP)
+grpo: rerun-from
 	$(LAUNCH) grpo
 
 test: $(STAMP)

@@ -3,6 +3,7 @@
     accelerate launch -m stages sft_reasoning --config pipeline.yaml --profile tiny
     python -m stages eval --checkpoint runs/tiny/base --eval-stage sft_reasoning
     python -m stages report
+    python -m stages rerun-from rpo      # move rpo and later stages aside so they train again
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
+from stages.checkpoints import DiskFull
 from stages.config import load_config
 from stages.schema import ConfigError
 
@@ -23,7 +25,8 @@ STAGE_MODULES = {"sft": "stages.sft", "rpo": "stages.rpo", "grpo": "stages.grpo"
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", help="a stage name from pipeline.yaml, 'eval', or 'report'")
+    parser.add_argument("stage", help="a stage name from pipeline.yaml, 'eval', 'report' or 'rerun-from'")
+    parser.add_argument("first", nargs="?", help="rerun-from: the first stage to train again")
     parser.add_argument("--config", default="pipeline.yaml", help="pipeline file (default: pipeline.yaml)")
     parser.add_argument("--profile", default="tiny", help="profile of the pipeline file (default: tiny)")
     parser.add_argument("--checkpoint", help="eval: the checkpoint directory to evaluate")
@@ -39,13 +42,22 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"report: {write_report(config)}")
             return 0
-        from stages.runner import run_stage
+        from stages.runner import run_stage, supersede
 
+        if args.stage == "rerun-from":
+            if not args.first:
+                raise ConfigError("rerun-from needs a stage name, e.g. `python -m stages rerun-from rpo`")
+            moved = supersede(config, args.first)
+            print(f"rerun from {args.first}: " + (f"earlier results moved to {moved}" if moved else "nothing to move"))
+            return 0
         stage = config.stage(args.stage)
         run_stage(config, stage.name, importlib.import_module(STAGE_MODULES[stage.kind]))
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except DiskFull as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

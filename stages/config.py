@@ -134,10 +134,13 @@ class PipelineConfig:
         return self.stages[index - 1] if index > 0 else None
 
     def stage_hash(self, name: str) -> str:
-        """A fingerprint of everything that decides a stage's result (its spec, the model, the seed)."""
+        """A fingerprint of everything that decides a stage's result: its spec, the model, the seed, and
+        the previous stage's fingerprint (a stage trained again makes every later stage stale)."""
         stage = dataclasses.asdict(self.stage(name))
         stage.pop("blend")  # where the blend file lies does not matter, its content (blend_spec) does
-        payload = _without_none({"stage": stage, "model": dataclasses.asdict(self.model), "seed": self.seed})
+        previous = self.previous(name)
+        payload = _without_none({"stage": stage, "model": dataclasses.asdict(self.model), "seed": self.seed,
+                                 "after": self.stage_hash(previous.name) if previous else None})
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

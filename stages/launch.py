@@ -2,7 +2,8 @@
 
 Empty settings are left to accelerate's defaults; the accelerate config file comes from the command
 line, else from the profile's ``accelerate_config``, else the single-process CPU config when no GPU is
-present. The stage itself then runs as ``python -m stages <stage>`` in every process.
+present. The stage itself then runs as ``python -m stages <stage>`` in every process. A stage that
+already finished with this config starts no processes at all.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from stages.config import load_config
+from stages.runner import StageContext, check_finished
 from stages.schema import ConfigError
 
 CPU_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "accelerate" / "cpu.yaml"
@@ -46,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, args.profile)  # fail on a bad config before starting processes
-        config.stage(args.stage)
+        ctx = StageContext(config, config.stage(args.stage))
+        if check_finished(ctx):
+            print(f"{args.stage}: already finished with this config ({ctx.done_marker}); nothing to do", flush=True)
+            return 0
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

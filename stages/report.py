@@ -1,16 +1,18 @@
 """The run report: one Markdown page with the eval table after every stage, and PNG plots.
 
-Built only from what the stages wrote (``eval.json``, ``metrics.jsonl``, ``DONE.json``), so it can be
+Built only from what the stages wrote (``eval.json``, ``metrics.jsonl``, ``DONE.json``, the manifest), so it can be
 made at any time, for a finished or an interrupted run: ``make report``.
 """
 
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from stages.config import PipelineConfig
+from stages.manifest import read_manifest
 
 ROWS = [  # (label, eval summary key)
     ("math accuracy /think", "math/think/accuracy"), ("math accuracy /no_think", "math/no_think/accuracy"),
@@ -103,10 +105,27 @@ def plot(run_dir: Path, metrics: dict[str, list[dict]], evals: dict[str, dict[st
     return written
 
 
+def stage_state(stage_dir: Path, record: dict[str, Any] | None) -> str:
+    """'finished, 1500 steps in 12.3 min (2 attempts)' or 'not finished'."""
+    done = stage_dir / "DONE.json"
+    if not done.exists():
+        return "not finished"
+    state = f"finished, {json.loads(done.read_text())['steps']} steps"
+    if record and record.get("started_at") and record.get("ended_at"):
+        start, end = (datetime.strptime(record[k], "%Y-%m-%dT%H:%M:%S%z") for k in ("started_at", "ended_at"))
+        attempts = record.get("attempts", 1)
+        state += f" in {(end - start).total_seconds() / 60:.1f} min" + (f" ({attempts} attempts)" if attempts > 1 else "")
+    return state
+
+
 def write_report(config: PipelineConfig) -> Path:
     """Write ``<run_dir>/report.md`` and its plots; returns the report's path."""
     run_dir = Path(config.run_dir)
+    manifest = read_manifest(config)
     evals, metrics, lines = {}, {}, [f"# Run report: profile `{config.profile}`", ""]
+    if git := manifest.get("git"):
+        lines += [f"Commit `{git['commit'][:12]}`{' with uncommitted changes' if git['dirty'] else ''}, "
+                  f"config hash `{manifest['config_hash']}`; everything else in `manifest.json`.", ""]
     for stage in config.stages:
         stage_dir = run_dir / stage.name
         report = stage_dir / "eval.json"
@@ -114,9 +133,7 @@ def write_report(config: PipelineConfig) -> Path:
             evals[stage.name] = json.loads(report.read_text())["summary"]
         if entries := stage_metrics(stage_dir):
             metrics[stage.name] = entries
-        done = stage_dir / "DONE.json"
-        state = f"finished, {json.loads(done.read_text())['steps']} steps" if done.exists() else "not finished"
-        lines.append(f"- `{stage.name}` ({stage.kind}): {state}")
+        lines.append(f"- `{stage.name}` ({stage.kind}): {stage_state(stage_dir, manifest['stages'].get(stage.name))}")
     lines += ["", "## Held-out evaluation after each stage", ""]
     lines += eval_table(evals) if evals else ["(no stage has been evaluated yet)"]
     if evals or metrics:

@@ -3,11 +3,14 @@
 Layout of a run directory::
 
     <run_dir>/base/                      the starting model of the first stage (layouts: built here)
-    <run_dir>/<stage>/checkpoints/       trainer checkpoints (model, optimizer, scheduler, RNG, step)
+    <run_dir>/<stage>/checkpoints/       trainer checkpoints (model, optimizer, scheduler, RNG, step),
+                                         written crash-safe (stages/checkpoints.py); LATEST names the newest
     <run_dir>/<stage>/final/             HF checkpoint (model, tokenizer, config): the next stage's start
+    <run_dir>/<stage>/STARTED.json       the config hash the stage was started with (resume checks it)
     <run_dir>/<stage>/DONE.json          written last: the stage is finished (config hash, metrics)
     <run_dir>/<stage>/metrics.jsonl      every logged training step
     <run_dir>/<stage>/eval.json          held-out evaluation of the final model
+    <run_dir>/manifest.json              resolved config, commit, blends, versions, per-stage record
 
 A stage's module provides ``build_trainer(ctx, model, tokenizer)``; everything else is here, so no
 stage copies another's loop.
@@ -19,6 +22,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -31,11 +35,15 @@ from transformers import Trainer, TrainerCallback
 
 from model.factory import build_model, is_layout_name, load_model, load_tokenizer
 from model.tokenizer import train_tokenizer
+from stages.checkpoints import (STAGING, DiskFull, PublishCheckpoints, discard_staging, is_disk_full,
+                                last_complete_checkpoint, write_durably)
 from stages.config import PipelineConfig, StageSpec
+from stages.manifest import stage_finished, stage_started
 from stages.schema import ConfigError
 
 log = logging.getLogger("stages")
 
+SUPERSEDED = "superseded"  # where RERUN_FROM moves the stages it retrains
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -67,6 +75,10 @@ class StageContext:
     @property
     def done_marker(self) -> Path:
         return self.dir / "DONE.json"
+
+    @property
+    def started_marker(self) -> Path:
+        return self.dir / "STARTED.json"
 
 
 class StageModule(Protocol):
@@ -108,50 +120,6 @@ class Preemption(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.requested:
             control.should_save = control.should_training_stop = True
-
-
-def checkpoint_problem(path: Path) -> str | None:
-    """Why a trainer checkpoint is unusable (missing or truncated files), or None if it is complete.
-
-    The trainer writes weights, optimizer and RNG state first and ``trainer_state.json`` last, so a
-    checkpoint cut short by a crash, a kill or a full disk lacks it or has a truncated file.
-    """
-    state_file = path / "trainer_state.json"
-    try:
-        state = json.loads(state_file.read_text())
-    except (OSError, ValueError):
-        return "trainer_state.json is missing or truncated"
-    if f"checkpoint-{state.get('global_step')}" != path.name:
-        return f"trainer_state.json belongs to step {state.get('global_step')}"
-    weights = list(path.glob("*.safetensors"))
-    if not weights:
-        return "no model weights"
-    for file in weights:
-        with file.open("rb") as handle:
-            header = handle.read(8)
-            size = int.from_bytes(header, "little") if len(header) == 8 else -1
-            try:
-                meta = json.loads(handle.read(size)) if size > 0 else None
-            except ValueError:
-                meta = None
-        end = max((t["data_offsets"][1] for k, t in (meta or {}).items() if k != "__metadata__"), default=0)
-        if meta is None or file.stat().st_size != 8 + size + end:
-            return f"{file.name} is truncated"
-    return None
-
-
-def last_complete_checkpoint(directory: Path) -> Path | None:
-    """The newest checkpoint that is complete; broken newer ones are reported and passed over."""
-    if not directory.exists():
-        return None
-    found = sorted((p for p in directory.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
-    for path in found:
-        problem = checkpoint_problem(path)
-        if problem is None:
-            return path
-        log.warning("checkpoint %s is incomplete (%s); using an earlier one", path, problem)
-    return None
 
 
 def base_model_dir(config: PipelineConfig) -> Path:
@@ -201,17 +169,33 @@ def start_dir(config: PipelineConfig, stage: StageSpec) -> Path:
 
 
 def check_finished(ctx: StageContext) -> bool:
-    """True if the stage finished with this config; a finished stage with another config is an error."""
-    if not ctx.done_marker.exists():
-        return False
-    done = json.loads(ctx.done_marker.read_text())
-    if done["config_hash"] != ctx.config.stage_hash(ctx.stage.name):
-        raise ConfigError(
-            f"stage {ctx.stage.name!r} finished with a different config (hash {done['config_hash']}, now "
-            f"{ctx.config.stage_hash(ctx.stage.name)}). Its result and every later stage are stale: "
-            f"remove {ctx.dir} (and the later stages' directories) to retrain from it."
-        )
-    return True
+    """True if the stage finished with this config. A stage finished or started with another config is
+    an error that says how to retrain from it; resuming it or skipping it would mix two configs."""
+    current = ctx.config.stage_hash(ctx.stage.name)
+    for marker, what in ((ctx.done_marker, "finished"), (ctx.started_marker, "was started")):
+        if marker.exists() and (recorded := json.loads(marker.read_text())["config_hash"]) != current:
+            raise ConfigError(
+                f"stage {ctx.stage.name!r} {what} with a different config (hash {recorded}, now {current}): "
+                f"its own settings or an earlier stage's changed. Its result and every later stage's are "
+                f"stale. To retrain from it: make pipeline RERUN_FROM={ctx.stage.name} (moves "
+                f"{ctx.dir} and the later stages' directories to {Path(ctx.config.run_dir) / SUPERSEDED}/)."
+            )
+    return ctx.done_marker.exists()
+
+
+def supersede(config: PipelineConfig, first: str) -> Path | None:
+    """Move stage ``first``'s directory and every later stage's aside, so they train again; nothing is
+    deleted. Returns where they went (None if none of them had started)."""
+    names = [s.name for s in config.stages]
+    moved = [StageContext(config, s).dir for s in config.stages[names.index(config.stage(first).name):]]
+    moved = [d for d in moved if d.exists()]
+    if not moved:
+        return None
+    target = Path(config.run_dir) / SUPERSEDED / time.strftime("%Y%m%d-%H%M%S")
+    target.mkdir(parents=True)
+    for directory in moved:
+        directory.rename(target / directory.name)
+    return target
 
 
 def trainer_arguments(ctx: StageContext) -> dict[str, Any]:
@@ -219,7 +203,7 @@ def trainer_arguments(ctx: StageContext) -> dict[str, Any]:
     spec = ctx.stage.trainer
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(ctx.dir / "tensorboard")  # transformers' TensorBoard setting
     return dict(
-        output_dir=str(ctx.checkpoints),
+        output_dir=str(ctx.checkpoints / STAGING),  # published into ctx.checkpoints by PublishCheckpoints
         max_steps=spec.max_steps,
         learning_rate=spec.learning_rate,
         per_device_train_batch_size=spec.per_device_train_batch_size,
@@ -230,7 +214,7 @@ def trainer_arguments(ctx: StageContext) -> dict[str, Any]:
         max_grad_norm=spec.max_grad_norm,
         logging_steps=spec.logging_steps,
         save_steps=spec.save_steps,
-        save_total_limit=spec.save_total_limit,
+        save_total_limit=None,  # pruning is PublishCheckpoints' job, after a newer checkpoint is complete
         bf16=spec.bf16,
         activation_checkpointing=spec.gradient_checkpointing,
         dataloader_num_workers=spec.dataloader_num_workers,
@@ -245,6 +229,9 @@ def trainer_arguments(ctx: StageContext) -> dict[str, Any]:
 def train_phase(ctx: StageContext, start: Path, build_trainer: Any) -> tuple[int, dict]:
     """Train from ``start`` into ``ctx.final``, resuming from the last checkpoint; returns (steps, metrics)."""
     ctx.dir.mkdir(parents=True, exist_ok=True)
+    if PartialState().is_main_process:
+        discard_staging(ctx.checkpoints)
+    PartialState().wait_for_everyone()
     resume = last_complete_checkpoint(ctx.checkpoints)
     if resume:
         log.info("resuming %s from %s", ctx.label, resume)
@@ -256,13 +243,35 @@ def train_phase(ctx: StageContext, start: Path, build_trainer: Any) -> tuple[int
     trainer = build_trainer(ctx, model, tokenizer)
     trainer.add_callback(MetricsLog(ctx.dir / "metrics.jsonl"))
     trainer.add_callback(preemption := Preemption())
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    trainer.add_callback(PublishCheckpoints(ctx.checkpoints, ctx.stage.trainer.save_total_limit))
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except Exception as error:
+        if not is_disk_full(error, ctx.dir):
+            raise
+        discard_staging(ctx.checkpoints)  # give back the space the unfinished save took
+        raise DiskFull(f"{ctx.label}: no space left on device at step {trainer.state.global_step} "
+                       f"(writing under {ctx.dir}). The last complete checkpoint, "
+                       f"{last_complete_checkpoint(ctx.checkpoints) or 'none yet'}, is intact: free space "
+                       f"and rerun the same target to resume from it. ({type(error).__name__}: "
+                       f"{str(error)[:200]})") from error
     if preemption.requested:
         log.warning("%s stopped at step %d on SIGTERM; rerun the same target to continue", ctx.label,
                     trainer.state.global_step)
         raise SystemExit(0)
-    trainer.save_model(str(ctx.final))  # weights, config and the tokenizer (the trainer's processing_class)
+    save_final(trainer, ctx.final)
     return trainer.state.global_step, result.metrics
+
+
+def save_final(trainer: Trainer, final: Path) -> None:
+    """Weights, config and tokenizer (the trainer's processing_class), written beside ``final`` and
+    renamed into place, so the next stage never starts from half a checkpoint."""
+    tmp = final.with_name(final.name + ".tmp")
+    trainer.save_model(str(tmp))  # every process: ZeRO-3 and FSDP gather the weights here
+    if trainer.accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    trainer.accelerator.wait_for_everyone()
 
 
 def run_stage(config: PipelineConfig, stage_name: str, module: StageModule) -> dict:
@@ -270,11 +279,19 @@ def run_stage(config: PipelineConfig, stage_name: str, module: StageModule) -> d
     from stages.evaluate import evaluate, print_table
 
     ctx = StageContext(config, config.stage(stage_name))
-    state = PartialState()
+    # cpu=True without CUDA: else, under torchrun on CPUs, this first PartialState joins no process group and
+    # every rank acts as the main one (all write the markers and the base model) until the Trainer's own setup.
+    state = PartialState(cpu=not torch.cuda.is_available())
     if check_finished(ctx):
         log.info("stage %s already finished; skipping (%s)", stage_name, ctx.done_marker)
         return json.loads(ctx.done_marker.read_text())
     start = start_dir(config, ctx.stage)
+    if state.is_main_process:
+        ctx.dir.mkdir(parents=True, exist_ok=True)
+        if not ctx.started_marker.exists():
+            write_durably(ctx.started_marker, json.dumps({"config_hash": config.stage_hash(stage_name)}))
+        stage_started(config, stage_name, resumed_from=_resume_point(ctx))
+    state.wait_for_everyone()
     if hasattr(module, "train"):
         steps, metrics = module.train(ctx, start)
     else:
@@ -293,6 +310,14 @@ def run_stage(config: PipelineConfig, stage_name: str, module: StageModule) -> d
         summary = {"stage": stage_name, "config_hash": config.stage_hash(stage_name),
                    "steps": steps, "train_metrics": metrics,
                    "eval": report["summary"], "final": str(ctx.final), "started_from": str(start)}
-        ctx.done_marker.write_text(json.dumps(summary, indent=2))
+        write_durably(ctx.done_marker, json.dumps(summary, indent=2))
+        stage_finished(config, stage_name, summary)
     state.wait_for_everyone()
     return summary
+
+
+def _resume_point(ctx: StageContext) -> str | None:
+    """The checkpoint an interrupted stage goes on from (for the manifest), or None on a fresh start."""
+    parts = [ctx.dir, *sorted(ctx.dir.glob("round_*"))]  # a stage of several parts: RPO's rounds
+    found = [c for part in parts if (c := last_complete_checkpoint(part / "checkpoints"))]
+    return str(found[-1]) if found else None

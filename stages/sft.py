@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from accelerate import PartialState
 from datasets import Dataset
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import SFTConfig, SFTTrainer
 
 from data_blends.blend import build_examples
@@ -47,6 +48,20 @@ def training_args(ctx: StageContext) -> SFTConfig:
     )
 
 
+class LengthGroupedSFTTrainer(SFTTrainer):
+    """SFTTrainer whose length groups are cut from the global batch, so N processes train like one."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler):
+            # transformers sizes the length-sorted mega-batches by the per-device batch, so one global batch
+            # split over 2 processes would see the data in another order than on 1. Every process draws the
+            # same permutation (same seed), and accelerate gives process r the r-th per-device slice of each
+            # global batch: with global-batch groups, a step trains on the same examples at any world size.
+            sampler.batch_size *= self.args.world_size
+        return sampler
+
+
 def build_trainer(ctx: StageContext, model: torch.nn.Module, tokenizer: Any) -> SFTTrainer:
     if ctx.stage.trainer.packing and not packing_is_exact(model):
         raise ConfigError(
@@ -55,4 +70,5 @@ def build_trainer(ctx: StageContext, model: torch.nn.Module, tokenizer: Any) -> 
         )
     with PartialState().main_process_first():
         dataset = tokenized_dataset(ctx, tokenizer)
-    return SFTTrainer(model=model, args=training_args(ctx), train_dataset=dataset, processing_class=tokenizer)
+    return LengthGroupedSFTTrainer(model=model, args=training_args(ctx), train_dataset=dataset,
+                                   processing_class=tokenizer)

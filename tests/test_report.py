@@ -25,8 +25,14 @@ def test_report_tables_every_evaluated_stage_and_draws_the_plots(tmp_path):
         (tmp_path / "rpo" / f"round_{r}").mkdir()
         (tmp_path / "rpo" / f"round_{r}" / "metrics.jsonl").write_text(
             "".join(json.dumps({"step": s, "loss": 0.5, "accuracy": 0.9}) + "\n" for s in (5, 10)))
+    (tmp_path / "manifest.json").write_text(json.dumps({
+        "config_hash": "0123456789abcdef", "git": {"commit": "a" * 40, "dirty": True},
+        "stages": {"rpo": {"started_at": "2026-01-01T10:00:00+0000", "ended_at": "2026-01-01T10:02:30+0000",
+                           "attempts": 2}}}))
     path = write_report(config)
     text = path.read_text()
+    assert "Commit `aaaaaaaaaaaa` with uncommitted changes, config hash `0123456789abcdef`" in text
+    assert "`rpo` (rpo): finished, 10 steps in 2.5 min (2 attempts)" in text
     assert "| math accuracy /think | 0.50 | 0.60 |" in text
     assert "| mean response length /no_think (tokens) | 10.00 | 11.00 |" in text
     assert "`sft_chat` (sft): not finished" in text and "`rpo` (rpo): finished, 10 steps" in text

@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from stages.schema import ConfigError
 from tests.conftest import ROOT
 
 STAGE = {
@@ -86,6 +88,64 @@ def test_finished_stage_is_skipped_and_a_changed_config_is_refused(finished_run,
     config = write_pipeline(tmp_path, str(finished_run), [changed])
     refused = subprocess.run(stage_command(config), cwd=ROOT, capture_output=True, text=True)
     assert refused.returncode == 2 and "finished with a different config" in refused.stderr
+    assert "make pipeline RERUN_FROM=sft_reasoning" in refused.stderr
+
+
+def test_a_stage_started_with_another_config_is_not_resumed(finished_run, tmp_path):
+    from stages.config import load_config
+    from stages.runner import StageContext, check_finished
+
+    config = load_config(write_pipeline(tmp_path, str(tmp_path / "run")))
+    ctx = StageContext(config, config.stage("sft_reasoning"))
+    ctx.dir.mkdir(parents=True)
+    ctx.started_marker.write_text(json.dumps({"config_hash": config.stage_hash("sft_reasoning")}))
+    assert check_finished(ctx) is False  # same config: resume
+    ctx.started_marker.write_text(json.dumps({"config_hash": "0123456789abcdef"}))
+    with pytest.raises(ConfigError, match="was started with a different config.*RERUN_FROM=sft_reasoning"):
+        check_finished(ctx)
+
+
+def test_a_changed_stage_makes_every_later_stage_stale(tmp_path):
+    from stages.config import load_config
+
+    chat = dict(STAGE, name="sft_chat")
+    before = load_config(write_pipeline(tmp_path, "run", [STAGE, chat]))
+    changed = dict(STAGE, trainer={**STAGE["trainer"], "learning_rate": 1e-3})
+    after = load_config(write_pipeline(tmp_path, "run", [changed, chat]))
+    assert before.stage_hash("sft_chat") != after.stage_hash("sft_chat")
+
+
+def test_launch_starts_nothing_for_a_finished_stage_and_rerun_from_moves_results_aside(finished_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    config = write_pipeline(tmp_path, str(run_dir))
+    launched = subprocess.run([sys.executable, "-m", "stages.launch", "sft_reasoning", "--config", str(config)],
+                              cwd=ROOT, capture_output=True, text=True)
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    assert "nothing to do" in launched.stdout and "accelerate" not in launched.stdout
+
+    moved = subprocess.run(stage_command(config, "rerun-from"), cwd=ROOT, capture_output=True, text=True)
+    assert moved.returncode == 2 and "needs a stage name" in moved.stderr
+    moved = subprocess.run([sys.executable, "-m", "stages", "rerun-from", "sft_reasoning", "--config", str(config)],
+                           cwd=ROOT, capture_output=True, text=True)
+    assert moved.returncode == 0, moved.stderr[-2000:]
+    superseded = list((run_dir / "superseded").glob("*/sft_reasoning"))
+    assert len(superseded) == 1 and (superseded[0] / "DONE.json").exists()
+    assert not (run_dir / "sft_reasoning").exists() and (run_dir / "base").exists()
+
+
+def test_manifest_records_the_run(finished_run):
+    manifest = json.loads((finished_run / "manifest.json").read_text())
+    assert manifest["profile"] == "tiny" and len(manifest["config_hash"]) == 16
+    assert manifest["config"]["stages"][0]["trainer"]["max_steps"] == 40
+    assert re.fullmatch(r"[0-9a-f]{40}", manifest["git"]["commit"])
+    assert manifest["packages"]["torch"] == torch.__version__
+    assert manifest["blends"]["sft_reasoning"]["sources"]["math"].startswith("generator sha256:")
+    stage = manifest["stages"]["sft_reasoning"]
+    assert stage["status"] == "done" and stage["steps"] == 40 and stage["attempts"] == 1
+    assert stage["started_at"] <= stage["ended_at"]
+    assert stage["checkpoint"] == str(finished_run / "sft_reasoning" / "final")
+    assert "math/think/accuracy" in stage["eval"]
 
 
 def test_next_stage_refuses_to_start_before_its_predecessor(tmp_path):
@@ -123,6 +183,42 @@ def test_kill_9_then_rerun_resumes_with_the_same_losses(finished_run, tmp_path):
     assert sorted(after) == list(range(resumed_from + 2, 41, 2))
     for step, loss in after.items():
         assert loss == pytest.approx(reference[step], abs=1e-5), step
+    assert_same_weights(run_dir / "sft_reasoning" / "final", finished_run / "sft_reasoning" / "final")
+
+
+def test_kill_9_while_a_checkpoint_is_written_resumes_from_the_one_before(finished_run, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copytree(finished_run / "base", run_dir / "base")
+    config = write_pipeline(tmp_path, str(run_dir))
+    checkpoints = run_dir / "sft_reasoning" / "checkpoints"
+    writing = checkpoints / ".staging" / "checkpoint-20"
+    process = subprocess.Popen(stage_command(config), cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    # The weights are written first and the optimizer state after them: kill between the two.
+    while not (writing / "model.safetensors").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.001)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert writing.exists() and not (checkpoints / "checkpoint-20").exists(), "not killed mid-save"
+    assert (checkpoints / "LATEST").read_text().strip() == "checkpoint-10"
+
+    result = run(config)
+    assert f"discarding {checkpoints / '.staging'}" in result.stderr
+    assert re.search(r"resuming sft_reasoning from \S*checkpoint-10\b", result.stderr)
+    assert (checkpoints / "LATEST").read_text().strip() == "checkpoint-40"
+    assert_same_weights(run_dir / "sft_reasoning" / "final", finished_run / "sft_reasoning" / "final")
+
+
+def assert_same_weights(left: Path, right: Path) -> None:
+    """Bitwise equal model weights in two HF checkpoints."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(left / "model.safetensors"), load_file(right / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
 
 
 def test_sigterm_saves_a_checkpoint_exits_0_and_the_rerun_continues(finished_run, tmp_path):
@@ -148,7 +244,7 @@ def test_sigterm_saves_a_checkpoint_exits_0_and_the_rerun_continues(finished_run
 
 
 def test_an_incomplete_checkpoint_is_passed_over(finished_run, tmp_path):
-    from stages.runner import checkpoint_problem, last_complete_checkpoint
+    from stages.checkpoints import checkpoint_problem, last_complete_checkpoint
 
     source = finished_run / "sft_reasoning" / "checkpoints"
     complete = sorted(source.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
@@ -163,3 +259,34 @@ def test_an_incomplete_checkpoint_is_passed_over(finished_run, tmp_path):
     (older / "trainer_state.json").write_text('{"global_st')
     assert checkpoint_problem(older) == "trainer_state.json is missing or truncated"
     assert last_complete_checkpoint(tmp_path) is None
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap to mount a small tmpfs")
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_says_so(finished_run, tmp_path):
+    from stages.checkpoints import checkpoint_problem
+
+    # The run directory is a tmpfs (inside bwrap) with room for the base model, one checkpoint and
+    # half of the next: the second save runs out of space.
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    run_dir.mkdir()
+    config = write_pipeline(tmp_path, str(run_dir))
+    checkpoint = finished_run / "sft_reasoning" / "checkpoints" / "checkpoint-10"
+    size = _size(finished_run / "base") + int(1.5 * _size(checkpoint)) + 2**20
+    script = (f"cp -r {finished_run / 'base'} {run_dir}/base && {' '.join(stage_command(config))}; "
+              f"status=$?; cp -r {run_dir}/sft_reasoning {out}; exit $status")
+    command = ["bwrap", "--bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+               "--size", str(size), "--tmpfs", str(run_dir), "sh", "-c", script]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env=os.environ | {"TOKENIZERS_PARALLELISM": "false"})
+    assert result.returncode == 1, result.stderr[-3000:]
+    message = next(line for line in result.stderr.splitlines() if line.startswith("error:"))
+    assert message.startswith("error: sft_reasoning: no space left on device at step 20"), message
+    assert "checkpoint-10, is intact" in message
+    assert checkpoint_problem(out / "checkpoints" / "checkpoint-10") is None
+    assert (out / "checkpoints" / "LATEST").read_text().strip() == "checkpoint-10"
+    assert not (out / "checkpoints" / "checkpoint-20").exists()
+    assert not list((out / "checkpoints" / ".staging").glob("checkpoint-*"))
