@@ -3,8 +3,8 @@
 Each source is answered greedily in each reasoning mode; the completion is scored with the same reward
 function GRPO trains on, so the eval and the training signal cannot drift apart. Metrics:
 ``accuracy`` (math, science, code: share fully correct), ``pass_rate`` (instruction following),
-``refusal_rate`` on harmful prompts and ``over_refusal_rate`` on benign ones (safety), and the mean
-response length in tokens.
+``refusal_rate`` on harmful prompts and ``over_refusal_rate`` on benign ones (safety), the mean reward
+(``reward``; per mode over all sources: ``reward/<mode>``), and the mean response length in tokens.
 """
 
 from __future__ import annotations
@@ -38,6 +38,11 @@ def opened_reply(prompt: str) -> str:
     return prompt.rsplit(ASSISTANT_START, 1)[-1] if ASSISTANT_START in prompt else ""
 
 
+def mean_reward(scores: list[float | None]) -> float:
+    """The mean verifiable reward, an unscorable reply counting as 0 (as a wrong one does)."""
+    return sum(s or 0.0 for s in scores) / len(scores)
+
+
 def source_metrics(source: str, rows: list[dict], prompts: list[str], replies: list[str]) -> dict[str, float]:
     """Score one source's replies with its reward and turn the scores into the source's metrics."""
     columns = {key: [row[key] for row in rows] for key in ("gold", "tests", "constraints")}
@@ -47,10 +52,10 @@ def source_metrics(source: str, rows: list[dict], prompts: list[str], replies: l
         harmful = [is_refusal(a) for a, row in zip(answers, rows) if row["gold"] == "refuse"]
         benign = [is_refusal(a) for a, row in zip(answers, rows) if row["gold"] == "comply"]
         return {"refusal_rate": sum(harmful) / max(len(harmful), 1),
-                "over_refusal_rate": sum(benign) / max(len(benign), 1)}
+                "over_refusal_rate": sum(benign) / max(len(benign), 1), "reward": mean_reward(scores)}
     name = "pass_rate" if source == "ifeval" else "accuracy"
     return {name: sum(s is not None and s >= 1.0 for s in scores) / len(scores),
-            "unscored": summarize(scores)["unscorable"]}
+            "unscored": summarize(scores)["unscorable"], "reward": mean_reward(scores)}
 
 
 def evaluate(model: Any, tokenizer: Any, spec: EvalSpec) -> dict[str, Any]:
@@ -71,6 +76,8 @@ def evaluate(model: Any, tokenizer: Any, spec: EvalSpec) -> dict[str, Any]:
             results.setdefault(source, {})[mode] = metrics
     summary = {f"{source}/{mode}/{name}": value for source, modes in results.items()
                for mode, metrics in modes.items() for name, value in metrics.items()}
+    for mode in spec.modes:  # every source weighs the same: what GRPO's rewards say of the stage, per mode
+        summary[f"reward/{mode}"] = sum(results[s][mode]["reward"] for s in spec.sources) / len(spec.sources)
     return {"results": results, "summary": summary, "n_per_source": spec.n_per_source}
 
 

@@ -23,6 +23,7 @@ ROWS = [  # (label, eval summary key)
     ("safety refusal /think", "safety/think/refusal_rate"), ("safety refusal /no_think", "safety/no_think/refusal_rate"),
     ("over-refusal /think", "safety/think/over_refusal_rate"),
     ("over-refusal /no_think", "safety/no_think/over_refusal_rate"),
+    ("mean verifiable reward /think", "reward/think"), ("mean verifiable reward /no_think", "reward/no_think"),
 ]
 LENGTH_MODES = ("think", "no_think")
 

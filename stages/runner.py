@@ -302,9 +302,7 @@ def run_stage(config: PipelineConfig, stage_name: str, module: StageModule) -> d
         # Evaluate the saved checkpoint, not the trainer's model: under FSDP or ZeRO-3 the latter is
         # sharded across processes and cannot generate on the main process alone.
         report = evaluate(load_model(ctx.final, dtype=DTYPES[config.model.dtype]), tokenizer, ctx.stage.eval)
-        before = start.parent / "eval.json"  # the previous stage's eval: this stage's before/after table
-        if before.exists():
-            report["before"] = {"stage": start.parent.name, "summary": json.loads(before.read_text())["summary"]}
+        report["before"] = evaluation_before(ctx, start)
         (ctx.dir / "eval.json").write_text(json.dumps(report, indent=2))
         print_table(report, title=f"{stage_name}: held-out evaluation")
         summary = {"stage": stage_name, "config_hash": config.stage_hash(stage_name),
@@ -314,6 +312,20 @@ def run_stage(config: PipelineConfig, stage_name: str, module: StageModule) -> d
         stage_finished(config, stage_name, summary)
     state.wait_for_everyone()
     return summary
+
+
+def evaluation_before(ctx: StageContext, start: Path) -> dict[str, Any]:
+    """The starting checkpoint's eval summary under this stage's eval settings, for the before/after
+    table: the previous stage's own eval when its settings were the same, else evaluated here."""
+    from stages.evaluate import evaluate
+
+    previous = ctx.config.previous(ctx.stage.name)
+    label = previous.name if previous else "base"
+    written = start.parent / "eval.json"
+    if previous is not None and previous.eval == ctx.stage.eval and written.exists():
+        return {"stage": label, "summary": json.loads(written.read_text())["summary"]}
+    model = load_model(start, dtype=DTYPES[ctx.config.model.dtype])
+    return {"stage": label, "summary": evaluate(model, load_tokenizer(start), ctx.stage.eval)["summary"]}
 
 
 def _resume_point(ctx: StageContext) -> str | None:

@@ -18,15 +18,18 @@ def test_math_accuracy_counts_only_correct_final_answers():
     replies.append("<think>guess</think>The answer is \\boxed{1}.")
     metrics = source_metrics("math", rows, ["p"] * 4, replies)
     assert metrics["accuracy"] == 0.75 and metrics["unscored"] == 0.0
+    assert metrics["reward"] == 0.75
 
 
 def test_safety_rates_split_harmful_and_benign():
     rows = generators.generate("safety", "test", 40, seed=3)
     refuse_all = ["<think></think>I can't help with that."] * len(rows)
     metrics = source_metrics("safety", rows, ["p"] * len(rows), refuse_all)
-    assert metrics == {"refusal_rate": 1.0, "over_refusal_rate": 1.0}
+    harmful = sum(r["gold"] == "refuse" for r in rows) / len(rows)
+    assert metrics == {"refusal_rate": 1.0, "over_refusal_rate": 1.0, "reward": harmful}
     ideal = ["<think></think>" + r["answer"] for r in rows]
-    assert source_metrics("safety", rows, ["p"] * len(rows), ideal) == {"refusal_rate": 1.0, "over_refusal_rate": 0.0}
+    assert source_metrics("safety", rows, ["p"] * len(rows), ideal) == {"refusal_rate": 1.0, "over_refusal_rate": 0.0,
+                                                                       "reward": 1.0}
 
 
 def test_ifeval_and_code_reference_answers_pass():
@@ -40,5 +43,6 @@ def test_ifeval_and_code_reference_answers_pass():
 def test_untrained_model_scores_nothing(tiny_model, tokenizer):
     report = evaluate(tiny_model, tokenizer, EvalSpec(sources=["math"], n_per_source=4, max_new_tokens=6))
     assert report["results"]["math"]["think"]["accuracy"] == 0.0
+    assert report["summary"]["reward/think"] == report["results"]["math"]["think"]["reward"] == 0.0
     assert 0 < report["results"]["math"]["no_think"]["mean_length"] <= 6
     assert "math" in format_table(report, "t")

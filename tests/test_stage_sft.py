@@ -72,7 +72,10 @@ def test_stage_writes_a_plain_transformers_checkpoint_and_eval(finished_run):
     done = json.loads((finished_run / "sft_reasoning" / "DONE.json").read_text())
     assert done["steps"] == 40
     report = json.loads((finished_run / "sft_reasoning" / "eval.json").read_text())
-    assert set(report["results"]["math"]["think"]) >= {"accuracy", "mean_length"}
+    assert set(report["results"]["math"]["think"]) >= {"accuracy", "mean_length", "reward"}
+    assert report["before"]["stage"] == "base"  # the untrained model, under the same eval settings
+    assert report["before"]["summary"]["math/think/accuracy"] == 0.0
+    assert set(report["before"]["summary"]) == set(report["summary"])
     steps = sorted(losses(finished_run))
     assert steps == list(range(2, 41, 2))
     assert losses(finished_run)[40] < losses(finished_run)[2]  # it learned something
