@@ -34,7 +34,7 @@ class Shape:
     batch: int
 
 
-CPU_SHAPES = [Shape(i, o, b) for i, o in ((64, 64), (64, 256), (64, 1024)) for b in (1, 8)]
+CPU_SHAPES = [Shape(i, o, b) for i, o in ((64, 128), (64, 512), (64, 2048)) for b in (1, 8)]
 GPU_SHAPES = [Shape(i, o, b) for i, o in ((1024, 1024), (1024, 8192), (8192, 16384)) for b in (1, 8, 64)] + [
     Shape(65536, 1024, 1), Shape(65536, 1024, 8)]
 
