@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
-import subprocess
-import time
 
 import yaml
 
 from stages.rpo import best_and_worst
-from tests.conftest import FIXTURES, ROOT
-from tests.test_stage_sft import STAGE, run, stage_command, write_pipeline
+from tests.conftest import FIXTURES
+from tests.test_stage_sft import STAGE, kill_9_when, run, stage_command, write_pipeline
 
 RPO_STAGE = {
     "name": "rpo", "kind": "rpo", "blend": "rpo_blend.yaml",
@@ -46,14 +42,8 @@ def test_rounds_resume_after_kill_9_and_hand_on_the_last_policy(tmp_path):
     config = write_rpo_pipeline(tmp_path)
     run(config)                                                  # sft_reasoning, the starting point
     rpo = tmp_path / "run" / "rpo"
-    process = subprocess.Popen(stage_command(config, "rpo"), cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
     marker = rpo / "round_1" / "checkpoints" / "checkpoint-2" / "trainer_state.json"
-    deadline = time.time() + 400
-    while not marker.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_9_when(stage_command(config, "rpo"), marker.exists, timeout=400)
     assert marker.exists() and not (rpo / "round_1" / "DONE.json").exists(), "not interrupted in round 1"
     round_0 = (rpo / "round_0" / "DONE.json").read_text()
     pairs_1 = (rpo / "round_1" / "pairs.jsonl").read_text()

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -46,6 +47,17 @@ def run(config: Path, stage: str = "sft_reasoning") -> subprocess.CompletedProce
     result = subprocess.run(stage_command(config, stage), cwd=ROOT, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def kill_9_when(command: list[str], ready: Callable[[], bool], timeout: float = 300, poll: float = 0.05) -> None:
+    """Start a stage and SIGKILL its whole process group as soon as ``ready()`` holds."""
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + timeout
+    while not ready() and process.poll() is None and time.time() < deadline:
+        time.sleep(poll)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -163,14 +175,8 @@ def test_kill_9_then_rerun_resumes_with_the_same_losses(finished_run, tmp_path):
     run_dir.mkdir()
     shutil.copytree(finished_run / "base", run_dir / "base")  # same tokenizer and initial weights
     config = write_pipeline(tmp_path, str(run_dir))
-    process = subprocess.Popen(stage_command(config), cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
     marker = run_dir / "sft_reasoning" / "checkpoints" / "checkpoint-10" / "trainer_state.json"
-    deadline = time.time() + 300
-    while not marker.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_9_when(stage_command(config), marker.exists)
     killed_at = max(losses(run_dir))
     assert 10 <= killed_at < 40, "the run was not interrupted mid-stage"
     assert not (run_dir / "sft_reasoning" / "DONE.json").exists()
@@ -196,14 +202,8 @@ def test_kill_9_while_a_checkpoint_is_written_resumes_from_the_one_before(finish
     config = write_pipeline(tmp_path, str(run_dir))
     checkpoints = run_dir / "sft_reasoning" / "checkpoints"
     writing = checkpoints / ".staging" / "checkpoint-20"
-    process = subprocess.Popen(stage_command(config), cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
     # The weights are written first and the optimizer state after them: kill between the two.
-    while not (writing / "model.safetensors").exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.001)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_9_when(stage_command(config), (writing / "model.safetensors").exists, poll=0.001)
     assert writing.exists() and not (checkpoints / "checkpoint-20").exists(), "not killed mid-save"
     assert (checkpoints / "LATEST").read_text().strip() == "checkpoint-10"
 
