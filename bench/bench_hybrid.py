@@ -95,6 +95,33 @@ def measure(model, tokenizer, shape: Shape, bw: float) -> dict:
             "of_roofline": measured / roofline}
 
 
+def measure_pair(models: dict[str, torch.nn.Module], tokenizer, shape: Shape, bw: float, device: str,
+                 repeats: int) -> dict[str, dict]:
+    """Both models on one shape, alternating (A B B A ...) so drift in the machine's speed hits both alike.
+
+    Each model is on the device only while it runs, so the pair needs one model's memory at a time.
+    Returns per model the mean of its runs; a model whose state does not fit is left out.
+    """
+    runs: dict[str, list[dict]] = {name: [] for name in models}
+    names = list(models)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            model = models[name].to(device)
+            try:
+                runs[name].append(measure(model, tokenizer, shape, bw))
+            except torch.OutOfMemoryError:
+                print(f"# {name} {shape}: does not fit, skipped", flush=True)
+                torch.cuda.empty_cache()
+            finally:
+                models[name] = model.to("cpu")
+    means = {}
+    for name, results in runs.items():
+        if results:
+            means[name] = results[0] | {k: sum(r[k] for r in results) / len(results)
+                                        for k in ("tokens_per_s", "of_roofline")}
+    return means
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -121,6 +148,8 @@ def main() -> None:
     parser.add_argument("--layout", default="nemotron-h-8b")
     parser.add_argument("--full", action="store_true", help="full-size layouts and lengths (a GPU)")
     parser.add_argument("--out", default="bench/results/hybrid")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="timed runs per model and shape, in the order hybrid, twin, twin, hybrid, ...")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.full else torch.float32
@@ -129,22 +158,17 @@ def main() -> None:
     shapes = GPU_SHAPES if args.full else CPU_SHAPES
     title = f"hybrid vs Transformer twin, layout {args.layout}{'' if args.full else ' at reduced width'}"
     lines = [header(title), f"# measured copy bandwidth: {bw / 1e9:.1f} GB/s"]
-    rows = []
+    models = {}
     for name, config in configs(args.layout, args.full).items():
-        model = build_model(args.layout, tokenizer, dtype=dtype, **config).to(device).eval()
-        params = sum(p.numel() for p in model.parameters())
+        models[name] = build_model(args.layout, tokenizer, dtype=dtype, **config).eval()
+        params = sum(p.numel() for p in models[name].parameters())
         lines.append(f"# {name}: pattern {config['hybrid_override_pattern']}, MLP width {config['intermediate_size']}, "
                      f"{params / 1e6:.2f}M parameters")
-        for shape in shapes:
-            try:
-                result = measure(model, tokenizer, shape, bw)
-            except torch.OutOfMemoryError:
-                lines.append(f"# {name} {shape}: does not fit, skipped")
-                torch.cuda.empty_cache()
-                continue
+    rows = []
+    for shape in shapes:
+        for name, result in measure_pair(models, tokenizer, shape, bw, device, args.repeats).items():
             rows.append({"model": name, **shape.__dict__, **result})
             print(rows[-1], flush=True)
-        del model
     table = ["| input | output | batch | hybrid tok/s | transformer tok/s | hybrid / transformer | hybrid MiB/seq | "
              "transformer MiB/seq | hybrid of roofline | transformer of roofline |", "|" + "---|" * 10]
     for shape in shapes:

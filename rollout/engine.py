@@ -158,6 +158,7 @@ class RolloutEngine:
                 self._choose(admitted, self._prefill(admitted), params)
                 running += self._retire(admitted, stops, params, free, bar)
             if running:
+                running.sort(key=lambda s: s.slot)           # a full batch then reads its KV rows as one view
                 self._choose(running, self._decode(running), params)
                 running = self._retire(running, stops, params, free, bar)
         bar.close()
@@ -251,13 +252,17 @@ class RolloutEngine:
         """Feed each sequence's last token; returns the next-token logits [len(seqs), vocab]."""
         device = self.device
         tokens = torch.tensor([s.tokens[-1] for s in seqs], device=device)
-        slots = torch.tensor([s.slot for s in seqs], device=device)
+        slot_list = [s.slot for s in seqs]
+        slots = torch.tensor(slot_list, device=device)
+        # Running sequences usually hold slots 0..n-1 in order: then the KV cache is read through a view
+        # of those rows instead of a gathered copy, which would double the bytes a decode step moves.
+        rows = slice(0, len(slot_list)) if slot_list == list(range(len(slot_list))) else slots
         positions = self.cache.lengths[slots]
         span = int(positions.max()) + 1                  # one host sync per step, shared by all attention layers
         visible = torch.arange(span, device=device)[None] <= positions[:, None]             # [batch, span]
         hidden = self._layers(self.model.model.embeddings(tokens),
                               lambda i, mixer, x: self._mamba_step(i, mixer, x, slots),
-                              lambda i, attn, x: self._attention_step(i, attn, x, slots, positions, visible))
+                              lambda i, attn, x: self._attention_step(i, attn, x, slots, rows, positions, visible))
         self.cache.lengths[slots] = positions + 1
         return self._logits(hidden)
 
@@ -330,14 +335,15 @@ class RolloutEngine:
                 enable_gqa=True)
         return attn.o_proj(out.transpose(0, 1).flatten(1))[None]
 
-    def _attention_step(self, i: int, attn: Any, x: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
-                        visible: torch.Tensor) -> torch.Tensor:
-        """One token per sequence; ``visible`` [batch, span] marks each row's cached positions."""
+    def _attention_step(self, i: int, attn: Any, x: torch.Tensor, slots: torch.Tensor, rows: slice | torch.Tensor,
+                        positions: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """One token per sequence; ``rows`` selects the cache rows of ``slots`` (a slice when they are
+        contiguous), ``visible`` [batch, span] marks each row's cached positions."""
         q, k, v = (self._heads(attn, x[:, None], p) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
         self.cache.keys[i][slots, :, positions] = k[:, :, 0]
         self.cache.values[i][slots, :, positions] = v[:, :, 0]
         span = visible.shape[1]
         out = F.scaled_dot_product_attention(
-            q, self.cache.keys[i][slots, :, :span], self.cache.values[i][slots, :, :span],
+            q, self.cache.keys[i][rows, :, :span], self.cache.values[i][rows, :, :span],
             attn_mask=visible[:, None, None], scale=attn.scaling, enable_gqa=True)
         return attn.o_proj(out.flatten(1))
