@@ -8,7 +8,8 @@ states and the KV cache at the average context read once per step, at the bandwi
 large copy), and writes a Markdown and CSV table and a PNG plot.
 
     python -m bench.bench_hybrid                                  # CPU, reduced width and lengths
-    python -m bench.bench_hybrid --full                           # GPU: Nemotron-H-8B and Nano-9B-v2 sizes
+    python -m bench.bench_hybrid --full                           # GPU: Nemotron-H-8B size
+    python -m bench.bench_hybrid --full --layout nemotron-nano-9b-v2
 """
 
 from __future__ import annotations
@@ -143,19 +144,49 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
+def parse_shapes(text: str) -> list[Shape]:
+    """``"64/128x1,64/2048x8"``: input/output lengths and batch of each shape."""
+    shapes = []
+    for item in text.split(","):
+        try:
+            lengths, batch = item.split("x")
+            input_len, output_len = lengths.split("/")
+            shapes.append(Shape(int(input_len), int(output_len), int(batch)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--shapes: {item!r} is not INPUT/OUTPUTxBATCH, e.g. 64/128x8") from None
+    return shapes
+
+
+def table(rows: list[dict], shapes: list[Shape]) -> list[str]:
+    """One Markdown row per shape both models ran, with the hybrid/Transformer ratio."""
+    lines = ["| input | output | batch | hybrid tok/s | transformer tok/s | hybrid / transformer | hybrid MiB/seq | "
+             "transformer MiB/seq | hybrid of roofline | transformer of roofline |", "|" + "---|" * 10]
+    for shape in shapes:
+        pair = {r["model"]: r for r in rows if (r["input_len"], r["output_len"], r["batch"]) == tuple(shape.__dict__.values())}
+        if len(pair) < 2:
+            continue
+        h, t = pair["hybrid"], pair["transformer"]
+        lines.append(f"| {shape.input_len} | {shape.output_len} | {shape.batch} | {h['tokens_per_s']:.0f} | "
+                     f"{t['tokens_per_s']:.0f} | {h['tokens_per_s'] / t['tokens_per_s']:.2f}x | "
+                     f"{h['state_mib_per_seq']:.2f} | {t['state_mib_per_seq']:.2f} | {h['of_roofline']:.0%} | "
+                     f"{t['of_roofline']:.0%} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layout", default="nemotron-h-8b")
     parser.add_argument("--full", action="store_true", help="full-size layouts and lengths (a GPU)")
+    parser.add_argument("--shapes", type=parse_shapes, help="INPUT/OUTPUTxBATCH,... instead of the default shapes")
     parser.add_argument("--out", default="bench/results/hybrid")
     parser.add_argument("--repeats", type=int, default=2,
                         help="timed runs per model and shape, in the order hybrid, twin, twin, hybrid, ...")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.full else torch.float32
     tokenizer = bench_tokenizer()
     bw = bandwidth(device)
-    shapes = GPU_SHAPES if args.full else CPU_SHAPES
+    shapes = args.shapes or (GPU_SHAPES if args.full else CPU_SHAPES)
     title = f"hybrid vs Transformer twin, layout {args.layout}{'' if args.full else ' at reduced width'}"
     lines = [header(title), f"# measured copy bandwidth: {bw / 1e9:.1f} GB/s"]
     models = {}
@@ -169,20 +200,9 @@ def main() -> None:
         for name, result in measure_pair(models, tokenizer, shape, bw, device, args.repeats).items():
             rows.append({"model": name, **shape.__dict__, **result})
             print(rows[-1], flush=True)
-    table = ["| input | output | batch | hybrid tok/s | transformer tok/s | hybrid / transformer | hybrid MiB/seq | "
-             "transformer MiB/seq | hybrid of roofline | transformer of roofline |", "|" + "---|" * 10]
-    for shape in shapes:
-        pair = {r["model"]: r for r in rows if (r["input_len"], r["output_len"], r["batch"]) == tuple(shape.__dict__.values())}
-        if len(pair) < 2:
-            continue
-        h, t = pair["hybrid"], pair["transformer"]
-        table.append(f"| {shape.input_len} | {shape.output_len} | {shape.batch} | {h['tokens_per_s']:.0f} | "
-                     f"{t['tokens_per_s']:.0f} | {h['tokens_per_s'] / t['tokens_per_s']:.2f}x | "
-                     f"{h['state_mib_per_seq']:.2f} | {t['state_mib_per_seq']:.2f} | {h['of_roofline']:.0%} | "
-                     f"{t['of_roofline']:.0%} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = "\n".join(lines + [""] + table) + "\n"
+    report = "\n".join(lines + [""] + table(rows, shapes)) + "\n"
     (out / "hybrid.md").write_text(report)
     with (out / "hybrid.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
