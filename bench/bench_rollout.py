@@ -8,6 +8,7 @@ while the engine hands their slots to waiting prompts; only tokens up to each en
 
     python -m bench.bench_rollout                                   # tiny layout, batches 1, 16, 64
     python -m bench.bench_rollout --checkpoint runs/tiny/rpo/final  # a trained tiny model, real stops
+    python -m bench.bench_rollout --compile                         # the engine's decode step compiled
     python -m bench.bench_rollout --layout nemotron-h-8b --hidden 256 --device cuda
 """
 
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--compile", action="store_true", help="the engine's decode step through torch.compile")
     args = parser.parse_args()
 
     dtype = getattr(torch, args.dtype)
@@ -72,11 +74,13 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     prompts = chat_prompts(tokenizer, max(batches))
     engine = RolloutEngine(model, tokenizer, max_batch=max(batches),
-                           max_length=max(map(len, prompts)) + args.new_tokens)
+                           max_length=max(map(len, prompts)) + args.new_tokens, compile=args.compile)
     print(header(f"rollout engine vs transformers generate(): {args.checkpoint or 'layout ' + args.layout}, "
                  f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {'up to ' if stop else ''}{args.new_tokens} new tokens"))
+    # Warm-up; a compiled step compiles here, once for a batch of one and once for any larger batch.
+    _, warm = timed(lambda: [engine_generate(engine, prompts[:n], 4, stop) for n in (2, 1)])
+    print(f"engine warm-up{' (compiling the decode step)' if args.compile else ''}: {warm:.1f} s")
     print(f"{'batch':>5} {'generate() tok/s':>17} {'engine tok/s':>13} {'ratio':>6}")
-    engine_generate(engine, prompts[:2], 4, stop)                            # warm-up
     for batch in batches:
         with torch.no_grad():
             n_hf, t_hf = timed(lambda: hf_generate(model, tokenizer, prompts[:batch], args.new_tokens, stop))

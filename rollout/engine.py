@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +76,9 @@ class StateCache:
                 self.keys[i], self.values[i] = param.new_zeros(shape), param.new_zeros(shape)
         self.lengths = torch.zeros(slots, dtype=torch.long, device=param.device)
 
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.conv.values(), *self.ssm.values(), *self.keys.values(), *self.values.values(), self.lengths]
+
     def mamba_bytes_per_sequence(self) -> int:
         """Conv plus SSM state of one sequence: fixed, whatever its length."""
         return sum(t[0].numel() * t.element_size() for t in (*self.conv.values(), *self.ssm.values()))
@@ -96,7 +99,10 @@ class RolloutEngine:
     """Generates for batches of prompts with continuous batching over ``max_batch`` state slots."""
 
     def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = 64, max_length: int = 4096,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None, compile: bool = False):
+        """``compile``: run the decode step through ``torch.compile`` (dynamic shapes, so a shrinking batch
+        and a growing context reuse one graph). Each decode step is a few hundred small ops; compiled,
+        the elementwise ones fuse into a few loops. The first step pays the compile time."""
         model = unwrap(model)
         self.model = copy.deepcopy(model).to(device=device or next(model.parameters()).device, dtype=dtype)
         self.model.eval().requires_grad_(False)
@@ -105,12 +111,32 @@ class RolloutEngine:
         self.cache: StateCache | None = None
         self.think_end = tokenizer.encode("</think>", add_special_tokens=False)
         self._derive_constants()
+        self.compiled = compile
+        if compile:
+            self._mark_static(self.decay.values())
+            # The kernels' references write only the valid rows of a step (boolean indexing); this lets
+            # the compiler trace that instead of breaking the graph at every Mamba layer.
+            torch._dynamo.config.capture_dynamic_output_shape_ops = True
+        self._step = torch.compile(self._decode_step, dynamic=True) if compile else self._decode_step
 
     def _derive_constants(self) -> None:
-        """A = -exp(A_log) of each Mamba layer, computed once per weight version instead of per step."""
-        layers = self.model.model.layers
-        self.decay: dict[int, torch.Tensor] = {i: -torch.exp(block.mixer.A_log.float())
-                                               for i, block in enumerate(layers) if block.block_type == MAMBA}
+        """A = -exp(A_log) of each Mamba layer, computed once per weight version instead of per step
+        (in place after the first time, so a compiled step keeps reading the same tensors)."""
+        decay = {i: -torch.exp(block.mixer.A_log.float())
+                 for i, block in enumerate(self.model.model.layers) if block.block_type == MAMBA}
+        if hasattr(self, "decay"):
+            for i, value in decay.items():
+                self.decay[i].copy_(value)
+        else:
+            self.decay: dict[int, torch.Tensor] = decay
+
+    @staticmethod
+    def _mark_static(tensors: Iterable[torch.Tensor]) -> None:
+        """Buffers of fixed size that the compiled step reads: their sizes are constants to the compiler.
+        Left dynamic, a size that happens to equal the first batch's (KV heads, slots) would be tied to
+        it, and every other batch size would compile again."""
+        for tensor in tensors:
+            torch._dynamo.mark_static(tensor)
 
     @property
     def device(self) -> torch.device:
@@ -143,6 +169,8 @@ class RolloutEngine:
                              f"{self.max_length} of the engine")
         if self.cache is None:
             self.cache = StateCache(self.model, self.max_batch, self.max_length)
+            if self.compiled:
+                self._mark_static(self.cache.tensors())
         stops = set(params.stop_token_ids if params.stop_token_ids is not None else [self.tokenizer.eos_token_id])
         seqs = [_Sequence(p, torch.Generator(self.device).manual_seed(params.seed * 1_000_003 + i),
                           thinking=self._opens_thinking(p)) for i, p in enumerate(ids)]
@@ -256,14 +284,22 @@ class RolloutEngine:
         slots = torch.tensor(slot_list, device=device)
         # Running sequences usually hold slots 0..n-1 in order: then the KV cache is read through a view
         # of those rows instead of a gathered copy, which would double the bytes a decode step moves.
-        rows = slice(0, len(slot_list)) if slot_list == list(range(len(slot_list))) else slots
+        # (A compiled step takes tensors only, so that the view's bounds do not become part of the graph.)
+        contiguous = not self.compiled and slot_list == list(range(len(slot_list)))
+        rows = slice(0, len(slot_list)) if contiguous else slots
         positions = self.cache.lengths[slots]
         span = int(positions.max()) + 1                  # one host sync per step, shared by all attention layers
         visible = torch.arange(span, device=device)[None] <= positions[:, None]             # [batch, span]
+        logits = self._step(tokens, slots, rows, positions, visible)
+        self.cache.lengths[slots] = positions + 1
+        return logits
+
+    def _decode_step(self, tokens: torch.Tensor, slots: torch.Tensor, rows: slice | torch.Tensor,
+                     positions: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """The model on one token per sequence, reading and writing the cache in place."""
         hidden = self._layers(self.model.model.embeddings(tokens),
                               lambda i, mixer, x: self._mamba_step(i, mixer, x, slots),
                               lambda i, attn, x: self._attention_step(i, attn, x, slots, rows, positions, visible))
-        self.cache.lengths[slots] = positions + 1
         return self._logits(hidden)
 
     def _layers(self, hidden: torch.Tensor, mamba: Any, attention: Any) -> torch.Tensor:

@@ -107,6 +107,25 @@ def test_load_weights_follows_the_trainer_in_memory(tokenizer, prompts):
                                    atol=1e-4, rtol=0)
 
 
+def test_compiled_decode_step_equals_generate_and_follows_load_weights(tokenizer, prompts):
+    """``compile=True``: the same tokens and log-probabilities, through a shrinking batch (4 prompts on 3
+    slots, the last one alone) and after a weight refresh, which the compiled step must see."""
+    policy = build_model("tiny", tokenizer, seed=0).eval()
+    engine = RolloutEngine(policy, tokenizer, max_batch=3, max_length=128, compile=True)
+    params = SamplingParams(max_new_tokens=16, temperature=0, stop_token_ids=())
+    for _ in range(2):
+        for prompt, out in zip(prompts, engine.generate(prompts, params)):
+            want = policy.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None,
+                                   pad_token_id=tokenizer.pad_token_id)[0, len(prompt):].tolist()
+            assert out.token_ids == want
+            torch.testing.assert_close(torch.tensor(out.logprobs), model_logprobs(policy, prompt, out.token_ids),
+                                       atol=1e-4, rtol=0)
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        engine.load_weights(policy)
+
+
 def test_state_memory_is_fixed_per_sequence(tiny_model):
     short, long = StateCache(tiny_model, slots=2, max_length=64), StateCache(tiny_model, slots=2, max_length=4096)
     assert short.mamba_bytes_per_sequence() == long.mamba_bytes_per_sequence() > 0

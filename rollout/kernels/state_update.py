@@ -119,9 +119,5 @@ def selective_state_update_ref(state: torch.Tensor, x: torch.Tensor, dt: torch.T
     h = state[slot_idx.clamp(min=0)].float().view(batch, groups, -1, headdim, B.shape[-1])
     h = h * torch.exp(dt * A.float().view(1, groups, -1, 1, 1)) + (dt * xg) * B.float()[:, :, None, None]
     y = (h @ C.float()[:, :, None, :, None])[..., 0] + D.float().view(1, groups, -1, 1) * xg[..., 0]
-    h = h.view(batch, nheads, headdim, -1).to(state.dtype)
-    if bool(valid.all()):
-        state.index_copy_(0, slot_idx, h)
-    else:
-        state[slot_idx[valid]] = h[valid]
+    state[slot_idx[valid]] = h.view(batch, nheads, headdim, -1)[valid].to(state.dtype)   # no branch: compiles whole
     return (y.view(batch, nheads, headdim) * valid[:, None, None]).to(x.dtype)
