@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--full", action="store_true", help="full-size layouts and lengths (a GPU)")
     parser.add_argument("--shapes", type=parse_shapes, help="INPUT/OUTPUTxBATCH,... instead of the default shapes")
     parser.add_argument("--out", default="bench/results/hybrid")
-    parser.add_argument("--repeats", type=int, default=2,
+    parser.add_argument("--repeats", type=int, default=1,
                         help="timed runs per model and shape, in the order hybrid, twin, twin, hybrid, ...")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
