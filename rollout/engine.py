@@ -76,8 +76,9 @@ class StateCache:
                 self.keys[i], self.values[i] = param.new_zeros(shape), param.new_zeros(shape)
         self.lengths = torch.zeros(slots, dtype=torch.long, device=param.device)
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [*self.conv.values(), *self.ssm.values(), *self.keys.values(), *self.values.values(), self.lengths]
+    def buffers(self) -> list[torch.Tensor]:
+        """Every layer's state buffer (conv, SSM, keys, values), as the decode step reads them."""
+        return [*self.conv.values(), *self.ssm.values(), *self.keys.values(), *self.values.values()]
 
     def mamba_bytes_per_sequence(self) -> int:
         """Conv plus SSM state of one sequence: fixed, whatever its length."""
@@ -110,7 +111,7 @@ class RolloutEngine:
         self.max_batch, self.max_length = max_batch, max_length
         self.cache: StateCache | None = None
         self.think_end = tokenizer.encode("</think>", add_special_tokens=False)
-        self._derive_constants()
+        self.decay = self._decay()
         self.compiled = compile
         if compile:
             self._mark_static(self.decay.values())
@@ -119,16 +120,10 @@ class RolloutEngine:
             torch._dynamo.config.capture_dynamic_output_shape_ops = True
         self._step = torch.compile(self._decode_step, dynamic=True) if compile else self._decode_step
 
-    def _derive_constants(self) -> None:
-        """A = -exp(A_log) of each Mamba layer, computed once per weight version instead of per step
-        (in place after the first time, so a compiled step keeps reading the same tensors)."""
-        decay = {i: -torch.exp(block.mixer.A_log.float())
-                 for i, block in enumerate(self.model.model.layers) if block.block_type == MAMBA}
-        if hasattr(self, "decay"):
-            for i, value in decay.items():
-                self.decay[i].copy_(value)
-        else:
-            self.decay: dict[int, torch.Tensor] = decay
+    def _decay(self) -> dict[int, torch.Tensor]:
+        """A = -exp(A_log) of each Mamba layer, computed once per weight version instead of per step."""
+        return {i: -torch.exp(block.mixer.A_log.float())
+                for i, block in enumerate(self.model.model.layers) if block.block_type == MAMBA}
 
     @staticmethod
     def _mark_static(tensors: Iterable[torch.Tensor]) -> None:
@@ -151,7 +146,8 @@ class RolloutEngine:
             raise KeyError(f"load_weights: the source has no {missing[:3]} (and {max(len(missing) - 3, 0)} more)")
         for name, tensor in own.items():
             tensor.copy_(state[name])
-        self._derive_constants()
+        for i, value in self._decay().items():       # in place: a compiled step keeps reading these tensors
+            self.decay[i].copy_(value)
 
     # ---- generation -------------------------------------------------------------------------------------
 
@@ -170,7 +166,7 @@ class RolloutEngine:
         if self.cache is None:
             self.cache = StateCache(self.model, self.max_batch, self.max_length)
             if self.compiled:
-                self._mark_static(self.cache.tensors())
+                self._mark_static(self.cache.buffers())
         stops = set(params.stop_token_ids if params.stop_token_ids is not None else [self.tokenizer.eos_token_id])
         seqs = [_Sequence(p, torch.Generator(self.device).manual_seed(params.seed * 1_000_003 + i),
                           thinking=self._opens_thinking(p)) for i, p in enumerate(ids)]
