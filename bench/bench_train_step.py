@@ -44,6 +44,11 @@ def step(model, batch: dict[str, torch.Tensor]) -> float:
     return loss.item()
 
 
+def grad_gap(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    """Largest absolute difference between the gradients of two models of the same layout."""
+    return max((p.grad - q.grad).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chunks", default="64,16", help="baseline chunk size, then the candidate")
@@ -57,14 +62,14 @@ def main() -> None:
     new.load_state_dict(base.state_dict())
     batch = sft_batch(tokenizer, args.batch)
     losses = [step(m, batch) for m in (base, new)]
-    grad_gap = max((p.grad - q.grad).abs().max().item() for p, q in zip(base.parameters(), new.parameters()))
+    gap = grad_gap(base, new)
     times: dict[int, list[float]] = {base_chunk: [], new_chunk: []}
     for _ in range(args.repeats):  # alternate, so a change in the machine's speed hits both alike
         for chunk, model in ((base_chunk, base), (new_chunk, new)):
             times[chunk].append(timed(lambda: step(model, batch))[1])
     print(header("tiny model training step (forward + backward) by Mamba chunk size"))
     print(f"batch {args.batch} x {batch['input_ids'].shape[1]} tokens; loss gap {abs(losses[0] - losses[1]):.1e}, "
-          f"largest gradient gap {grad_gap:.1e}")
+          f"largest gradient gap {gap:.1e}")
     for chunk, values in times.items():
         print(f"chunk {chunk:>4}: median {statistics.median(values) * 1000:.0f} ms per step")
     print(f"speed-up of chunk {new_chunk} over chunk {base_chunk}: "
