@@ -19,7 +19,7 @@ from data_blends.task import TaskRow, make_row
 SOURCES_GENERATED = ("math", "science", "code", "ifeval", "safety")
 SPLITS = ("train", "test")
 
-_Fields = dict[str, Any]  # the TaskRow fields a family fills: prompt, thinking, answer, gold, tests, constraints
+_Fields = dict[str, Any]  # the TaskRow fields a family fills (prompt, thinking, answer, gold, ...)
 
 _ONES = (
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
@@ -68,34 +68,44 @@ _NAMES = ("Ana", "Ben", "Carl", "Dina", "Eva", "Finn", "Gus", "Hana")
 _ITEMS = ("apples", "books", "coins", "stamps", "shells", "marbles", "cards", "pens")
 
 
+def _operand(rng: random.Random, width: int) -> int:
+    """A number with exactly ``width`` digits."""
+    return rng.randint(10 ** (width - 1) if width > 1 else 0, 10**width - 1)
+
+
 def _math(rng: random.Random) -> _Fields:
-    """Mostly bare 4-digit sums (the core skill); the rest wrap the same column trace in words."""
+    """Sums and differences of 1- to 4-digit numbers, bare or in words, with the column trace.
+
+    ``steps`` counts the trace's columns. A one-column problem is a single fact a model could answer
+    without reasoning, so half of those rows carry no trace: SFT renders them with /no_think.
+    """
     roll = rng.random()
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
-    if roll < 0.6:
-        a, b = rng.randint(1000, 9999), rng.randint(1000, 9999)
-        prompt, steps = f"What is {a} + {b}?", [(a, "+", b)]
-    elif roll < 0.7:
-        a, b = rng.randint(100, 9999), rng.randint(100, 9999)
+    width = rng.choices((1, 2, 3, 4), weights=(2, 1, 2, 5))[0]
+    a, b = _operand(rng, width), _operand(rng, width)
+    if roll < 0.5:
+        prompt, ops = f"What is {a} + {b}?", [(a, "+", b)]
+    elif roll < 0.65:
         prompt = f"{name} has {a} {item} and buys {b} more. How many {item} does {name} have now?"
-        steps = [(a, "+", b)]
+        ops = [(a, "+", b)]
     elif roll < 0.8:
-        a = rng.randint(1000, 9999)
-        b = rng.randint(100, a)
+        a, b = max(a, b), min(a, b)
         prompt = f"{name} has {a} {item} and gives away {b}. How many {item} are left?"
-        steps = [(a, "-", b)]
+        ops = [(a, "-", b)]
     elif roll < 0.9:
-        x, b = rng.randint(100, 4999), rng.randint(100, 4999)
-        prompt, steps = f"Solve for x: x + {b} = {x + b}.", [(x + b, "-", b)]
+        prompt, ops = f"Solve for x: x + {b} = {a + b}.", [(a + b, "-", b)]
     else:
         a, b = rng.randint(100, 999), rng.randint(100, 999)
         c = rng.randint(100, a + b)
-        prompt, steps = f"What is {a} + {b} - {c}?", [(a, "+", b), (a + b, "-", c)]
+        prompt, ops = f"What is {a} + {b} - {c}?", [(a, "+", b), (a + b, "-", c)]
     pieces: list[str] = []
-    for left, op, right in steps:
-        step_pieces, value = _column_trace(left, op, right)
-        pieces += step_pieces
-    return {"prompt": prompt, "thinking": "|".join(pieces), "answer": _boxed(value), "gold": str(value)}
+    steps = 0
+    for left, op, right in ops:
+        op_pieces, value = _column_trace(left, op, right)
+        pieces += op_pieces
+        steps += len(op_pieces) - 2  # less the header and the result
+    thinking = "" if steps == 1 and rng.random() < 0.5 else "|".join(pieces)
+    return {"prompt": prompt, "thinking": thinking, "answer": _boxed(value), "gold": str(value), "steps": steps}
 
 
 # ---------------------------------------------------------------- science

@@ -95,6 +95,8 @@ def from_task_row(row: dict, source: str, row_id: str, where: str) -> TaskRow:
     for name, kind in (("system", str), ("prompt", str), ("thinking", str), ("answer", str), ("gold", str)):
         if name in row or name in ("prompt", "answer"):
             fields[name] = _field(row, name, kind, where)
+    if "steps" in row:
+        fields["steps"] = _field(row, "steps", int, where)
     for name in ("tests", "constraints"):
         if name in row:
             fields[name] = [str(item) for item in _field(row, name, list, where)]

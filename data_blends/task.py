@@ -21,6 +21,7 @@ class TaskRow(TypedDict):
     thinking: str  # reasoning trace, without <think> tags; "" when the row has none
     answer: str  # the final reply the assistant gives after </think>
     gold: str  # math/science: reference answer; safety: "refuse" or "comply"; else ""
+    steps: int  # generated math: columns of arithmetic the reference works through (1: one fact); else 0
     tests: list[str]  # code: Python assert statements run against the answer's code; else []
     constraints: list[str]  # ifeval: checkable constraints such as "lowercase" or "max_words:8"; else []
 
@@ -29,7 +30,7 @@ def make_row(**fields: object) -> TaskRow:
     """Fill the keys a source does not use with their empty value, and reject unknown keys."""
     empty: dict[str, object] = {
         "id": "", "source": "", "system": "", "context": [], "prompt": "", "thinking": "",
-        "answer": "", "gold": "", "tests": [], "constraints": [],
+        "answer": "", "gold": "", "steps": 0, "tests": [], "constraints": [],
     }
     unknown = set(fields) - set(empty)
     if unknown:

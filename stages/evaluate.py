@@ -2,9 +2,10 @@
 
 Each source is answered greedily in each reasoning mode; the completion is scored with the same reward
 function GRPO trains on, so the eval and the training signal cannot drift apart. Metrics:
-``accuracy`` (math, science, code: share fully correct), ``pass_rate`` (instruction following),
-``refusal_rate`` on harmful prompts and ``over_refusal_rate`` on benign ones (safety), the mean reward
-(``reward``; per mode over all sources: ``reward/<mode>``), and the mean response length in tokens.
+``accuracy`` (math, science, code: share fully correct; math also apart on one-step and multi-step
+problems), ``pass_rate`` (instruction following), ``refusal_rate`` on harmful prompts and
+``over_refusal_rate`` on benign ones (safety), the mean reward (``reward``; per mode over all sources:
+``reward/<mode>``), and the mean response length in tokens.
 """
 
 from __future__ import annotations
@@ -54,8 +55,19 @@ def source_metrics(source: str, rows: list[dict], prompts: list[str], replies: l
         return {"refusal_rate": sum(harmful) / max(len(harmful), 1),
                 "over_refusal_rate": sum(benign) / max(len(benign), 1), "reward": mean_reward(scores)}
     name = "pass_rate" if source == "ifeval" else "accuracy"
-    return {name: sum(s is not None and s >= 1.0 for s in scores) / len(scores),
-            "unscored": summarize(scores)["unscorable"], "reward": mean_reward(scores)}
+    correct = [s is not None and s >= 1.0 for s in scores]
+    return ({name: sum(correct) / len(correct)} | step_accuracies(rows, correct)
+            | {"unscored": summarize(scores)["unscorable"], "reward": mean_reward(scores)})
+
+
+def step_accuracies(rows: list[dict], correct: list[bool]) -> dict[str, float]:
+    """Accuracy on one-step and on multi-step rows, where rows count their steps (generated math).
+
+    Reasoning pays off only on problems of several steps; a single fact can be answered directly.
+    """
+    groups = {"accuracy_one_step": [c for c, row in zip(correct, rows) if row["steps"] == 1],
+              "accuracy_multi_step": [c for c, row in zip(correct, rows) if row["steps"] > 1]}
+    return {key: sum(group) / len(group) for key, group in groups.items() if group}
 
 
 def evaluate(model: Any, tokenizer: Any, spec: EvalSpec) -> dict[str, Any]:

@@ -16,6 +16,10 @@ from stages.manifest import read_manifest
 
 ROWS = [  # (label, eval summary key)
     ("math accuracy /think", "math/think/accuracy"), ("math accuracy /no_think", "math/no_think/accuracy"),
+    ("math, multi-step /think", "math/think/accuracy_multi_step"),
+    ("math, multi-step /no_think", "math/no_think/accuracy_multi_step"),
+    ("math, one-step /think", "math/think/accuracy_one_step"),
+    ("math, one-step /no_think", "math/no_think/accuracy_one_step"),
     ("science accuracy /think", "science/think/accuracy"), ("science accuracy /no_think", "science/no_think/accuracy"),
     ("code accuracy /think", "code/think/accuracy"), ("code accuracy /no_think", "code/no_think/accuracy"),
     ("instruction following /think", "ifeval/think/pass_rate"),

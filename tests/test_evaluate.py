@@ -21,6 +21,19 @@ def test_math_accuracy_counts_only_correct_final_answers():
     assert metrics["reward"] == 0.75
 
 
+def test_math_accuracy_is_also_reported_apart_for_one_step_and_multi_step_problems():
+    rows = generators.generate("math", "test", 60, seed=3)
+    one = [r for r in rows if r["steps"] == 1]
+    assert one and len(one) < len(rows)
+    # one-step problems answered right, multi-step ones wrong: the split must tell them apart
+    replies = [f"<think></think>The answer is \\boxed{{{r['gold'] if r['steps'] == 1 else -1}}}." for r in rows]
+    metrics = source_metrics("math", rows, ["p"] * len(rows), replies)
+    assert metrics["accuracy_one_step"] == 1.0 and metrics["accuracy_multi_step"] == 0.0
+    assert metrics["accuracy"] == len(one) / len(rows)
+    code = generators.generate("code", "test", 2)
+    assert "accuracy_one_step" not in source_metrics("code", code, ["p"] * 2, ["<think></think>"] * 2)
+
+
 def test_safety_rates_split_harmful_and_benign():
     rows = generators.generate("safety", "test", 40, seed=3)
     refuse_all = ["<think></think>I can't help with that."] * len(rows)

@@ -80,10 +80,11 @@ def _true_value(prompt: str) -> int:
     raise AssertionError(f"prompt matches no math template: {prompt}")
 
 
-def _check_trace(trace: str) -> int:
-    """Replay a trace: each 'a+b' / 'a-b' header, its columns right to left, then its result."""
+def _check_trace(trace: str) -> tuple[int, int]:
+    """Replay a trace (each 'a+b' / 'a-b' header, its columns right to left, then its result);
+    returns the result and the number of columns."""
     pieces = trace.split("|")
-    i, result = 0, None
+    i, result, columns = 0, None, 0
     while i < len(pieces):
         header = re.fullmatch(r"(\d+)([+-])(\d+)", pieces[i])
         assert header, f"expected an operation at piece {i} of {trace}"
@@ -106,14 +107,14 @@ def _check_trace(trace: str) -> int:
                 assert (top, y, borrow) == (int(da[col]) + 10 * new, int(db[col]), flag), step
                 assert digit == top - y - borrow, step
             flag = new
-        result = int(pieces[i + 1 + width])
+        result, columns = int(pieces[i + 1 + width]), columns + width
         assert result == (a + b if op == "+" else a - b)
         assert op == "+" or flag == 0, f"subtraction left a borrow: {trace}"
         i += width + 2
         if i < len(pieces):
             assert int(re.match(r"\d+", pieces[i])[0]) == result, f"a next step must start from {result}"
     assert result is not None
-    return result
+    return result, columns
 
 
 def test_math_gold_is_the_true_value_and_trace_replays(rows):
@@ -124,21 +125,28 @@ def test_math_gold_is_the_true_value_and_trace_replays(rows):
         assert value >= 0
         assert row["gold"] == str(value)
         assert row["answer"] == f"The answer is \\boxed{{{value}}}."
-        assert row["thinking"].split("|")[-1] == row["gold"]
-        assert _check_trace(row["thinking"]) == value
+        if row["thinking"]:
+            assert row["thinking"].split("|")[-1] == row["gold"]
+            assert _check_trace(row["thinking"]) == (value, row["steps"])
+        else:
+            assert row["steps"] == 1, "only a one-step problem may come without a trace"
     assert len(seen_templates) == len(_MATH_TEMPLATES)
 
 
-def test_math_is_mostly_short_four_digit_addition(rows):
+def test_math_is_mostly_multi_step_and_half_its_one_step_facts_have_no_trace(rows):
     batch = rows["math", "train"]
+    one_step = [r for r in batch if r["steps"] == 1]
+    assert 0.1 < len(one_step) / len(batch) < 0.3
+    assert 0.3 < sum(not r["thinking"] for r in one_step) / len(one_step) < 0.7
+    assert all(r["thinking"] for r in batch if r["steps"] > 1)
     bare = [r for r in batch if re.fullmatch(r"What is \d{4} \+ \d{4}\?", r["prompt"])]
-    assert 0.5 < len(bare) / len(batch) < 0.7
+    assert 0.15 < len(bare) / len(batch) < 0.35
     assert max(len(r["thinking"]) for r in bare) <= 120
 
 
 def test_trace_checker_catches_a_wrong_column():
     good = "4821+3796|1+6+0=7 c0|2+9+0=11 c1|8+7+1=16 c1|4+3+1=8 c0|8617"
-    assert _check_trace(good) == 8617
+    assert _check_trace(good) == (8617, 4)
     with pytest.raises(AssertionError):
         _check_trace(good.replace("2+9+0=11 c1", "2+9+0=12 c1"))
 

@@ -53,6 +53,7 @@ GOOD = json.dumps({"input": [{"role": "user", "content": "q"}], "output": "a", "
      "has reasoning although"),
     (json.dumps({"messages": [{"role": "user", "content": "q"}]}), "field 'messages' must end"),
     (json.dumps({"text": "hello"}), "unknown row schema"),
+    (json.dumps({"prompt": "What is 2 + 3?", "answer": "5", "steps": "one"}), "field 'steps' must be int"),
 ])
 def test_bad_row_names_file_line_and_field(tmp_path, bad_line, message):
     path = _write_lines(tmp_path, [GOOD, GOOD, bad_line])

@@ -114,5 +114,8 @@ def test_two_machines_train_like_one_process_with_the_same_global_batch(tmp_path
     expected = load_file(single / "run" / "sft_reasoning" / "final" / "model.safetensors")
     trained = load_file(pair / "run" / "sft_reasoning" / "final" / "model.safetensors")
     assert expected.keys() == trained.keys()
+    # Gradients summed across ranks differ from one process's in float order only; Adam divides by their
+    # root mean square, so a near-zero gradient's rounding can move a weight by a few 1e-5 (one step's
+    # update is learning rate 3e-3): 1e-4 is still far below any step of the update.
     for name, tensor in expected.items():
-        assert (trained[name] - tensor).abs().max().item() <= 1e-5, name
+        assert (trained[name] - tensor).abs().max().item() <= 1e-4, name
