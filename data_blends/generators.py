@@ -76,8 +76,9 @@ def _operand(rng: random.Random, width: int) -> int:
 def _math(rng: random.Random) -> _Fields:
     """Sums and differences of 1- to 4-digit numbers, bare or in words, with the column trace.
 
-    ``steps`` counts the trace's columns. A one-column problem is a single fact a model could answer
-    without reasoning, so half of those rows carry no trace: SFT renders them with /no_think.
+    ``steps`` counts the trace's columns. A one-column problem is a single fact a model can answer
+    without reasoning, so half of those rows carry no trace and state the fact in the answer ("8-3=5.
+    The answer is ..."): SFT renders them with /no_think.
     """
     roll = rng.random()
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
@@ -104,8 +105,12 @@ def _math(rng: random.Random) -> _Fields:
         op_pieces, value = _column_trace(left, op, right)
         pieces += op_pieces
         steps += len(op_pieces) - 2  # less the header and the result
-    thinking = "" if steps == 1 and rng.random() < 0.5 else "|".join(pieces)
-    return {"prompt": prompt, "thinking": thinking, "answer": _boxed(value), "gold": str(value), "steps": steps}
+    if steps == 1 and rng.random() < 0.5:
+        (left, op, right), = ops
+        fact = f"{left}{op}{right}={value}. "
+        return {"prompt": prompt, "thinking": "", "answer": fact + _boxed(value), "gold": str(value), "steps": 1}
+    return {"prompt": prompt, "thinking": "|".join(pieces), "answer": _boxed(value), "gold": str(value),
+            "steps": steps}
 
 
 # ---------------------------------------------------------------- science

@@ -6,7 +6,8 @@ Three pieces plug into TRL rather than replacing its loop:
   completion with the rollout engine and returns the sampling log-probabilities. It is also the object
   TRL asks to sync weights after an optimizer step (TRL's hook is named for vLLM), so the engine
   follows the policy in memory, and TRL's importance-sampling correction between engine and trainer
-  log-probabilities applies to it.
+  log-probabilities applies to it. With one optimizer step per rollout, the trainer's log-probabilities
+  for that correction come from the loss's own forward pass, not from a second pass over the batch.
 * ``SourceReward`` (``stages.scoring``), one per data source, so TRL logs the mean reward of each.
 * ``GRPOStageTrainer`` adds dynamic sampling: groups whose completions all scored the same carry no
   gradient and are replaced by fresh prompts until the batch is full.
@@ -100,6 +101,20 @@ def informative_rows(advantages: torch.Tensor, group_size: int) -> torch.Tensor:
     return (groups != 0).any(dim=1).repeat_interleave(group_size)
 
 
+def importance_ratio(trainer_logps: torch.Tensor, sampling_logps: torch.Tensor, mask: torch.Tensor,
+                     mode: str, cap: float) -> torch.Tensor:
+    """The engine-to-trainer importance weight, (B, T) per token or (B, 1) per sequence, as TRL defines it.
+
+    ``*_truncate`` caps the weight at ``cap``; ``*_mask`` zeroes the weight of tokens (or sequences) above
+    it. Tokens without an engine log-probability (NaN) get weight 1.
+    """
+    gap = torch.nan_to_num((trainer_logps - sampling_logps) * mask, nan=0.0)
+    if mode.startswith("sequence"):
+        gap = gap.sum(dim=-1, keepdim=True)
+    ratio = torch.exp(gap)
+    return ratio.clamp(max=cap) if mode.endswith("truncate") else ratio.masked_fill(ratio > cap, 0.0)
+
+
 LEFT_PADDED = ("prompt_ids", "prompt_mask")
 
 
@@ -133,6 +148,44 @@ class GRPOStageTrainer(GRPOTrainer):
         # backend it calls vLLM; ours takes that role.
         self.use_vllm, self.vllm_generation, self._last_loaded_step = True, rollout, -1
         self.vllm_importance_sampling_correction = spec.importance_sampling
+        self._scoring: dict[str, Any] | None = None  # a deferred batch, between _compute_loss and its forward
+
+    def _defers_importance_sampling(self) -> bool:
+        """Is the policy that scores a batch in the loss the one that generated it (one update per rollout)?
+
+        Then the trainer's log-probabilities at generation time equal the loss's own forward pass, and the
+        importance weight is computed there (``_get_per_token_logps_and_entropies``) instead of in the
+        extra no-grad forward pass TRL runs over the whole batch.
+        """
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        return self.spec.importance_sampling and self.args.gradient_accumulation_steps % generate_every == 0
+
+    def _get_per_token_logps_and_entropies(self, *args: Any, **kwargs: Any) -> tuple[Any, Any, Any]:
+        logps, entropies, aux = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        if self._scoring is not None:  # the loss's forward pass of a deferred batch: weigh it now
+            inputs, self._scoring = self._scoring, None
+            inputs["importance_sampling_ratio"] = self._weigh(logps.detach(), inputs)
+        return logps, entropies, aux
+
+    def _weigh(self, trainer_logps: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
+        """The importance weight of a micro-batch, logging what TRL logs for it."""
+        mask = inputs["completion_mask"]
+        sampling = inputs["sampling_per_token_logps"]
+        ratio = importance_ratio(trainer_logps, sampling, mask, self.spec.importance_sampling_mode,
+                                 self.spec.importance_sampling_cap)
+        delta = (trainer_logps - sampling).abs()[mask.bool()]
+        kept = ratio.flatten() if ratio.shape[1] == 1 else ratio[mask.bool()]
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        for name, values in (("sampling_logp_difference", delta), ("importance_sampling_ratio", kept)):
+            values = values if values.numel() else torch.zeros(1, device=mask.device)
+            metrics[f"sampling/{name}/mean"].append(self.accelerator.gather(values.mean()).mean().item())
+            metrics[f"sampling/{name}/max"].append(self.accelerator.gather(values.max()).max().item())
+        return ratio
+
+    def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
+        deferred = "importance_sampling_ratio" not in inputs and self._defers_importance_sampling()
+        self._scoring = inputs if deferred else None
+        return super()._compute_loss(model, inputs)
 
     def _fresh_inputs(self, count: int, attempt: int) -> list[dict[str, Any]]:
         """``count`` prompts, each repeated for a group, drawn deterministically from (step, attempt)."""
@@ -141,6 +194,15 @@ class GRPOStageTrainer(GRPOTrainer):
         return [dict(row) for row in rows for _ in range(self.num_generations)]
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        deferred = self._defers_importance_sampling()
+        self.vllm_importance_sampling_correction = not deferred and self.spec.importance_sampling
+        try:
+            output = self._generate_and_score_batch(inputs)
+        finally:
+            self.vllm_importance_sampling_correction = self.spec.importance_sampling
+        return output
+
+    def _generate_and_score_batch(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         output = super()._generate_and_score_completions(inputs)
         if not (self.spec.dynamic_sampling and self.model.training):
             return output

@@ -124,12 +124,15 @@ def test_math_gold_is_the_true_value_and_trace_replays(rows):
         seen_templates.add(next(p for p, _ in _MATH_TEMPLATES if re.fullmatch(p, row["prompt"])))
         assert value >= 0
         assert row["gold"] == str(value)
-        assert row["answer"] == f"The answer is \\boxed{{{value}}}."
+        boxed = f"The answer is \\boxed{{{value}}}."
         if row["thinking"]:
+            assert row["answer"] == boxed
             assert row["thinking"].split("|")[-1] == row["gold"]
             assert _check_trace(row["thinking"]) == (value, row["steps"])
-        else:
+        else:  # the one fact, stated in the answer: "8-3=5. The answer is ..."
             assert row["steps"] == 1, "only a one-step problem may come without a trace"
+            a, op, b, result = re.fullmatch(r"(\d)([+-])(\d)=(\d+)\. " + re.escape(boxed), row["answer"]).groups()
+            assert int(result) == value == (int(a) + int(b) if op == "+" else int(a) - int(b))
     assert len(seen_templates) == len(_MATH_TEMPLATES)
 
 

@@ -8,7 +8,7 @@ import yaml
 
 from model.factory import build_model
 from stages.config import load_config
-from stages.grpo import SourceReward, build_trainer, informative_rows, merge_batches
+from stages.grpo import SourceReward, build_trainer, importance_ratio, informative_rows, merge_batches
 from stages.runner import StageContext
 
 GRPO_STAGE = {
@@ -28,7 +28,9 @@ def make_trainer(tmp_path, tokenizer, model, **grpo):
     doc = {"run_dir": "run", "model": {"name": "tiny"}, "stages": [stage], "profiles": {"tiny": {}}}
     (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(doc))
     config = load_config(tmp_path / "pipeline.yaml")
-    return build_trainer(StageContext(config, config.stages[0]), model, tokenizer)
+    trainer = build_trainer(StageContext(config, config.stages[0]), model, tokenizer)
+    trainer.current_gradient_accumulation_steps = 1  # set by train(); some tests call the loss directly
+    return trainer
 
 
 def policy_logprobs(model, prompt_ids, completion_ids):
@@ -67,11 +69,61 @@ def test_scored_batch_masks_truncation_and_corrects_sampling(tmp_path, tokenizer
     truncated = out["completion_ids"][:, -1] != tokenizer.pad_token_id
     assert truncated.any()                                       # an untrained model rarely stops in 12 tokens
     assert (out["completion_mask"][truncated] == 0).all() == mask_truncated
+    assert "old_per_token_logps" not in out                      # no extra forward pass: weighed in the loss
     mask = out["completion_mask"]
-    gap = (out["old_per_token_logps"] - out["sampling_per_token_logps"]) * mask
+    trainer._compute_loss(trainer.model, out)
+    policy = torch.nn.utils.rnn.pad_sequence(
+        [policy_logprobs(trainer.model, p[m.bool()].tolist(), c.tolist()) for p, m, c in
+         zip(out["prompt_ids"], out["prompt_mask"], out["completion_ids"])], batch_first=True)
+    gap = (policy - out["sampling_per_token_logps"]) * mask
     torch.testing.assert_close(out["importance_sampling_ratio"], torch.exp(gap).clamp(max=2.0))
     if not mask_truncated:   # same fp32 math on CPU: engine and trainer log-probabilities agree closely
         assert mask.sum() > 0 and gap.abs().max() < 1e-4
+
+
+def test_deferred_importance_weights_give_trls_loss_and_gradient(tmp_path, tokenizer):
+    """Weighing in the loss's own forward pass gives what TRL gets from its extra no-grad pass."""
+    trainer = make_trainer(tmp_path, tokenizer, build_model("tiny", tokenizer, seed=0), dynamic_sampling=False,
+                           mask_truncated_completions=False, importance_sampling_cap=1.5)
+    engine_rollout = trainer.rollout_func
+
+    def shifted_rollout(prompts, trainer_):  # an engine whose log-probabilities are off by up to 1 nat
+        out, noise = engine_rollout(prompts, trainer_), torch.Generator().manual_seed(0)
+        out["logprobs"] = [(torch.tensor(lp) - torch.rand(len(lp), generator=noise)).tolist() for lp in out["logprobs"]]
+        return out
+
+    trainer.rollout_func = shifted_rollout
+    inputs = [dict(trainer.train_dataset[i]) for i in range(2) for _ in range(4)]
+    trainer.model.train()
+    batches, grads = [], []
+    for defer in (True, False):
+        trainer._defers_importance_sampling = lambda defer=defer: defer
+        trainer.vllm_generation.calls = (-1, 0)                  # the same rollout seed: the same completions
+        out = trainer._generate_and_score_completions(inputs)
+        assert ("old_per_token_logps" in out) != defer and ("importance_sampling_ratio" in out) != defer
+        trainer.model.zero_grad()
+        trainer._compute_loss(trainer.model, out).backward()
+        batches.append(out)
+        grads.append(torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None]))
+    deferred, trl = batches
+    assert torch.equal(deferred["completion_ids"], trl["completion_ids"])
+    ratio = deferred["importance_sampling_ratio"][deferred["completion_mask"].bool()]
+    assert (ratio == 1.5).any() and (ratio < 1.5).any()         # the cap is reached, and not everywhere
+    torch.testing.assert_close(deferred["importance_sampling_ratio"], trl["importance_sampling_ratio"])
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("mode", ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
+def test_importance_ratio_modes(mode):
+    trainer_logps = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, -1.0]])
+    sampling = torch.tensor([[-1.5, -1.0, float("nan")], [-1.2, -1.1, -3.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    ratio = importance_ratio(trainer_logps, sampling, mask, mode, cap=1.2)
+    gap = torch.tensor([[0.5, -1.0, 0.0], [0.2, 0.1, 0.0]])     # NaN and masked tokens: no correction
+    if mode.startswith("sequence"):
+        gap = gap.sum(-1, keepdim=True)
+    expected = gap.exp().clamp(max=1.2) if mode.endswith("truncate") else gap.exp() * (gap.exp() <= 1.2)
+    torch.testing.assert_close(ratio, expected)
 
 
 def test_dynamic_sampling_fills_the_batch_with_informative_groups(tmp_path, tokenizer):
