@@ -174,7 +174,7 @@ class GRPOStageTrainer(GRPOTrainer):
         ratio = importance_ratio(trainer_logps, sampling, mask, self.spec.importance_sampling_mode,
                                  self.spec.importance_sampling_cap)
         delta = (trainer_logps - sampling).abs()[mask.bool()]
-        kept = ratio.flatten() if ratio.shape[1] == 1 else ratio[mask.bool()]
+        kept = ratio.flatten() if self.spec.importance_sampling_mode.startswith("sequence") else ratio[mask.bool()]
         metrics = self._metrics["train" if self.model.training else "eval"]
         for name, values in (("sampling_logp_difference", delta), ("importance_sampling_ratio", kept)):
             values = values if values.numel() else torch.zeros(1, device=mask.device)
@@ -183,8 +183,7 @@ class GRPOStageTrainer(GRPOTrainer):
         return ratio
 
     def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
-        deferred = "importance_sampling_ratio" not in inputs and self._defers_importance_sampling()
-        self._scoring = inputs if deferred else None
+        self._scoring = inputs if self._defers_importance_sampling() else None
         return super()._compute_loss(model, inputs)
 
     def _fresh_inputs(self, count: int, attempt: int) -> list[dict[str, Any]]:
@@ -194,8 +193,9 @@ class GRPOStageTrainer(GRPOTrainer):
         return [dict(row) for row in rows for _ in range(self.num_generations)]
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        deferred = self._defers_importance_sampling()
-        self.vllm_importance_sampling_correction = not deferred and self.spec.importance_sampling
+        # A deferred batch leaves TRL's correction off while it scores, on again for the loss.
+        deferred = self._defers_importance_sampling()  # implies spec.importance_sampling
+        self.vllm_importance_sampling_correction = self.spec.importance_sampling and not deferred
         try:
             output = self._generate_and_score_batch(inputs)
         finally:
