@@ -44,8 +44,11 @@ def _boxed(value: object) -> str:
 def _column_trace(a: int, op: str, b: int) -> tuple[list[str], int]:
     """Header, one piece per column (right to left), then the result: one local rule per piece.
 
-    Addition columns read "x+y+carry=sum cN" (N is the new carry). Subtraction columns read
-    "top-y-borrow=digit bN", where top is the digit of a plus 10 when this column borrows (N=1).
+    Addition columns read "x+y=sum cN" (N is the new carry), or "x+y+1=sum cN" after a carry.
+    Subtraction columns read "top-y=digit bN", or "top-y-1=digit bN" after a borrow, where top is the
+    digit of a plus 10 when this column borrows (N=1). A column without a carry in is then the same
+    text as the one fact a trace-less answer states ("8-3=5."), so what the traces teach carries over
+    to answering without thinking.
     """
     width = max(len(str(a)), len(str(b)))
     pairs = zip(reversed(str(a).zfill(width)), reversed(str(b).zfill(width)))
@@ -53,12 +56,12 @@ def _column_trace(a: int, op: str, b: int) -> tuple[list[str], int]:
     for x, y in pairs:
         if op == "+":
             total = int(x) + int(y) + flag
-            pieces.append(f"{x}+{y}+{flag}={total} c{total // 10}")
+            pieces.append(f"{x}+{y}{'+1' * flag}={total} c{total // 10}")
             flag = total // 10
         else:
             new_flag = int(int(x) < int(y) + flag)
             top = int(x) + 10 * new_flag
-            pieces.append(f"{top}-{y}-{flag}={top - int(y) - flag} b{new_flag}")
+            pieces.append(f"{top}-{y}{'-1' * flag}={top - int(y) - flag} b{new_flag}")
             flag = new_flag
     result = a + b if op == "+" else a - b
     return pieces + [str(result)], result

@@ -95,15 +95,15 @@ def _check_trace(trace: str) -> tuple[int, int]:
         for col in range(width):
             step = pieces[i + 1 + col]
             if op == "+":
-                m = re.fullmatch(r"(\d)\+(\d)\+(\d)=(\d+) c(\d)", step)
+                m = re.fullmatch(r"(\d)\+(\d)(?:\+(1))?=(\d+) c(\d)", step)
                 assert m, step
-                x, y, carry, total, new = map(int, m.groups())
+                x, y, carry, total, new = (int(g or 0) for g in m.groups())
                 assert (x, y, carry) == (int(da[col]), int(db[col]), flag), step
                 assert total == x + y + carry and new == total // 10, step
             else:
-                m = re.fullmatch(r"(\d+)-(\d)-(\d)=(\d) b(\d)", step)
+                m = re.fullmatch(r"(\d+)-(\d)(?:-(1))?=(\d) b(\d)", step)
                 assert m, step
-                top, y, borrow, digit, new = map(int, m.groups())
+                top, y, borrow, digit, new = (int(g or 0) for g in m.groups())
                 assert (top, y, borrow) == (int(da[col]) + 10 * new, int(db[col]), flag), step
                 assert digit == top - y - borrow, step
             flag = new
@@ -147,11 +147,23 @@ def test_math_is_mostly_multi_step_and_half_its_one_step_facts_have_no_trace(row
     assert max(len(r["thinking"]) for r in bare) <= 120
 
 
+def test_a_stated_fact_is_the_text_of_its_trace_column(rows):
+    """A trace-less answer states its fact exactly as a trace writes that column (no carry in), so the
+    sums the traces teach are the ones a direct answer needs."""
+    facts = [r for r in rows["math", "train"] if not r["thinking"]]
+    assert facts
+    for row in facts:
+        a, op, b, value = re.fullmatch(r"(\d)([+-])(\d)=(\d+)\. .*", row["answer"]).groups()
+        column = generators._column_trace(int(a), op, int(b))[0][1]
+        assert column.split(" ")[0] == f"{a}{op}{b}={value}"
+
+
 def test_trace_checker_catches_a_wrong_column():
-    good = "4821+3796|1+6+0=7 c0|2+9+0=11 c1|8+7+1=16 c1|4+3+1=8 c0|8617"
+    good = "4821+3796|1+6=7 c0|2+9=11 c1|8+7+1=16 c1|4+3+1=8 c0|8617"
     assert _check_trace(good) == (8617, 4)
-    with pytest.raises(AssertionError):
-        _check_trace(good.replace("2+9+0=11 c1", "2+9+0=12 c1"))
+    for wrong in ("2+9=12 c1", "2+9+1=12 c1", "2+9=11 c0"):
+        with pytest.raises(AssertionError):
+            _check_trace(good.replace("2+9=11 c1", wrong))
 
 
 # ---------------------------------------------------------------- science
