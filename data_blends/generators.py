@@ -108,9 +108,8 @@ def _math(rng: random.Random) -> _Fields:
         op_pieces, value = _column_trace(left, op, right)
         pieces += op_pieces
         steps += len(op_pieces) - 2  # less the header and the result
-    if steps == 1 and rng.random() < 0.5:
-        (left, op, right), = ops
-        fact = f"{left}{op}{right}={value}. "
+    if steps == 1 and rng.random() < 0.5:  # the fact as its trace column writes it, less the carry flag
+        fact = pieces[1].split(" ")[0] + ". "
         return {"prompt": prompt, "thinking": "", "answer": fact + _boxed(value), "gold": str(value), "steps": 1}
     return {"prompt": prompt, "thinking": "|".join(pieces), "answer": _boxed(value), "gold": str(value),
             "steps": steps}
