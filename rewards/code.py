@@ -2,7 +2,7 @@
 
 Generated code is untrusted, so it only ever runs inside ``rewards.sandbox`` (bubblewrap). Without a
 working bwrap the reward refuses to run unless the caller explicitly opts into unsandboxed
-execution. Completions of a batch are scored in parallel, one sandbox per completion.
+execution. Completions of a batch are scored in parallel, one sandbox per distinct program.
 """
 
 from __future__ import annotations
@@ -73,17 +73,23 @@ def code_reward(prompts: Sequence[Any], completions: Sequence[Any], tests: Seque
     test_lists = column(tests, size, "tests")
     sources = column(kwargs.get("source"), size, "source")
 
-    def score(index: int) -> float | None:
+    scores: list[float | None] = [None] * size
+    runs: dict[tuple[str, tuple[str, ...]], list[int]] = {}  # (code, tests) -> the rows that share them
+    for index in range(size):
         if not applies(sources[index], "code") or not test_lists[index]:
-            return None
+            continue
         code = extract_code(answer_text(completions[index]))
         if code is None:
-            return 0.0
+            scores[index] = 0.0
+        else:  # a group of samples often repeats itself: the same code under the same tests runs once
+            runs.setdefault((code, tuple(test_lists[index])), []).append(index)
+
+    def score(run: tuple[str, tuple[str, ...]]) -> float | None:
+        code, tests_of_run = run
         try:
-            passed = run_tests(code, list(test_lists[index]), config.limits, bwrap=config.bwrap,
-                               sandboxed=sandboxed)
+            passed = run_tests(code, list(tests_of_run), config.limits, bwrap=config.bwrap, sandboxed=sandboxed)
         except Exception:  # noqa: BLE001 - a failure to run is "not scored", never a trainer crash
-            log.exception("running the tests of completion %d failed", index)
+            log.exception("running the tests of completion %d failed", runs[run][0])
             return None
         if passed is None:
             return None
@@ -92,4 +98,7 @@ def code_reward(prompts: Sequence[Any], completions: Sequence[Any], tests: Seque
         return sum(passed) / len(passed)
 
     with ThreadPoolExecutor(max_workers=max(1, config.workers)) as pool:
-        return list(pool.map(score, range(size)))
+        for rows, value in zip(runs.values(), pool.map(score, runs)):
+            for index in rows:
+                scores[index] = value
+    return scores

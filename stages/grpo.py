@@ -115,6 +115,12 @@ def importance_ratio(trainer_logps: torch.Tensor, sampling_logps: torch.Tensor, 
     return ratio.clamp(max=cap) if mode.endswith("truncate") else ratio.masked_fill(ratio > cap, 0.0)
 
 
+def resample_groups(missing: int, batch: int) -> int:
+    """How many fresh groups to draw for ``missing`` dropped ones: twice as many, so that one round
+    usually suffices when a few groups carry no signal, and never more than a whole batch."""
+    return min(2 * missing, batch)
+
+
 LEFT_PADDED = ("prompt_ids", "prompt_mask")
 
 
@@ -214,10 +220,12 @@ class GRPOStageTrainer(GRPOTrainer):
         attempt = 0
         while attempt < self.spec.max_resample_rounds:
             missing = torch.tensor([size - sum(int(k.sum()) for k in keeps)], device=self.accelerator.device)
-            if self.accelerator.gather(missing).max() <= 0:
+            most = int(self.accelerator.gather(missing).max())  # every process draws as many: TRL gathers
+            if most <= 0:
                 break
             attempt += 1
-            parts.append(super()._generate_and_score_completions(self._fresh_inputs(size // group, attempt)))
+            fresh = self._fresh_inputs(resample_groups(most // group, size // group), attempt)
+            parts.append(super()._generate_and_score_completions(fresh))
             keeps.append(informative_rows(parts[-1]["advantages"], group))
         self._metrics["train"]["dynamic_sampling/resample_rounds"].append(attempt)
         # Still short after the last round: top up with uninformative groups (zero advantage, no gradient).

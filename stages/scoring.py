@@ -28,11 +28,15 @@ class SourceReward:
         self.weights = list(weights.values())
         self.stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
 
-    def reply(self, prompt: list[dict[str, str]], completion_ids: list[int]) -> str:
+    def text(self, completion_ids: list[int]) -> str:
+        """The completion's text with special tokens kept, less its end-of-turn (or padding) tokens."""
         ids = list(completion_ids)
         while ids and ids[-1] in self.stop_ids:
             ids.pop()
-        return opened_reply(render(self.tokenizer, prompt)) + self.tokenizer.decode(ids, skip_special_tokens=False)
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def reply(self, prompt: list[dict[str, str]], completion_ids: list[int]) -> str:
+        return opened_reply(render(self.tokenizer, prompt)) + self.text(completion_ids)
 
     def __call__(self, prompts: list, completions: list, completion_ids: list[list[int]], source: list[str],
                  log_metric: Any = None, **columns: Any) -> list[float | None]:
@@ -42,7 +46,8 @@ class SourceReward:
             return scores
         start = time.perf_counter()
         pick = lambda values: [values[i] for i in mine]  # noqa: E731
-        replies = [self.reply(prompts[i], completion_ids[i]) for i in mine]
+        opened = [opened_reply(render(self.tokenizer, prompts[i])) for i in mine]
+        replies = [head + self.text(completion_ids[i]) for head, i in zip(opened, mine)]
         kwargs = {k: pick(v) for k, v in columns.items() if isinstance(v, list) and len(v) == len(completions)}
         parts = [reward(prompts=pick(prompts), completions=replies, **kwargs) for reward in self.rewards]
         for i, value in zip(mine, weighted_sum(parts, self.weights)):
@@ -50,4 +55,8 @@ class SourceReward:
         if log_metric is not None:
             log_metric(f"unscorable/{self.source}", summarize([scores[i] for i in mine])["unscorable"])
             log_metric(f"time/scoring_{self.source}_s", time.perf_counter() - start)
+            for think, mode in ((True, "think"), (False, "no_think")):  # RL must raise both modes
+                values = [scores[i] or 0.0 for i, o in zip(mine, opened) if (o == "<think>") == think]
+                if values:
+                    log_metric(f"rewards_by_mode/{self.source}/{mode}", sum(values) / len(values))
         return scores

@@ -444,10 +444,24 @@ def test_no_process_outlives_its_test_or_the_run() -> None:
 
 @needs_sandbox
 def test_batch_is_scored_in_parallel() -> None:
-    slow = "import time\ndef add(a, b):\n    time.sleep(0.8)\n    return a + b"
+    slow = [f"import time\ndef add(a, b):\n    time.sleep(0.8)  # copy {k}\n    return a + b" for k in range(4)]
     config = CodeRewardConfig(workers=4, limits=SandboxLimits(test_timeout=3.0, wall_timeout=20.0))
     start = time.monotonic()
-    scores = code_reward(prompts=["p"] * 4, completions=[fenced(slow)] * 4, tests=[ADD_TESTS[:1]] * 4,
+    scores = code_reward(prompts=["p"] * 4, completions=[fenced(code) for code in slow], tests=[ADD_TESTS[:1]] * 4,
                          config=config)
     assert scores == [1.0] * 4
     assert time.monotonic() - start < 2.5  # serially it would take over 3.2 s
+
+
+@needs_sandbox
+def test_the_same_program_under_the_same_tests_runs_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    runs: list[str] = []
+    real_run = rewards.code.run_tests
+    monkeypatch.setattr(rewards.code, "run_tests", lambda code, *a, **k: runs.append(code) or real_run(code, *a, **k))
+    right, wrong = "def add(a, b):\n    return a + b", "def add(a, b):\n    return a * b + 1"
+    completions = [fenced(right), fenced(wrong), fenced(right), fenced(right), fenced(wrong)]
+    tests = [ADD_TESTS, ADD_TESTS, ADD_TESTS, ADD_TESTS[:1], ADD_TESTS]
+    scores = code_reward(prompts=["p"] * 5, completions=completions, tests=tests, config=FAST)
+    assert scores == [1.0, 2 / 3, 1.0, 1.0, 2 / 3]
+    # the fourth row's tests differ, so it runs apart
+    assert sorted(code.strip() for code in runs) == sorted([right, wrong, right])

@@ -8,7 +8,8 @@ import yaml
 
 from model.factory import build_model
 from stages.config import load_config
-from stages.grpo import SourceReward, build_trainer, importance_ratio, informative_rows, merge_batches
+from stages.grpo import (SourceReward, build_trainer, importance_ratio, informative_rows, merge_batches,
+                         resample_groups)
 from stages.runner import StageContext
 
 GRPO_STAGE = {
@@ -143,6 +144,20 @@ def test_dynamic_sampling_fills_the_batch_with_informative_groups(tmp_path, toke
     assert trainer._metrics["train"]["dynamic_sampling/zero_variance_share"][-1] == 1.0
     assert out["num_items_in_batch"] == out["completion_mask"].sum()
 
+    # One math group among three code groups: the fresh draws replace what was dropped, not the batch.
+    code_rows = [dict(r) for r in trainer.train_dataset if r["source"] == "code"][:3]
+    sizes: list[int] = []
+    rollout = trainer.rollout_func
+    trainer.rollout_func = lambda prompts, trainer: sizes.append(len(prompts)) or rollout(prompts, trainer)
+    out = trainer._generate_and_score_completions([r for r in math_rows[:1] + code_rows for _ in range(4)])
+    assert out["advantages"].shape == (16,) and informative_rows(out["advantages"], 4).all()
+    dropped = round(trainer._metrics["train"]["dynamic_sampling/zero_variance_share"][-1] * 4)
+    assert dropped >= 1 and sizes[:2] == [16, 4 * resample_groups(dropped, 4)]
+
+
+def test_resampling_draws_twice_the_dropped_groups_up_to_a_batch():
+    assert [resample_groups(missing, 16) for missing in (1, 3, 8, 16)] == [2, 6, 16, 16]
+
 
 def test_merge_batches_pads_each_side():
     a = {"prompt_ids": torch.tensor([[5, 6], [7, 8]]), "completion_ids": torch.tensor([[1], [2]]),
@@ -163,3 +178,15 @@ def test_source_reward_sees_the_whole_reply(tokenizer):
     scores = reward(prompts=[prompt] * 3, completions=["", "", ""], completion_ids=[right, wrong, right],
                     source=["math", "math", "code"], gold=["5", "5", ""])
     assert scores == [1.5, 0.5, None]                            # format sees the prompt's <think></think>
+
+
+def test_source_reward_logs_each_reasoning_mode_apart(tokenizer):
+    reward = SourceReward("math", {"math": 1.0}, tokenizer)
+    think = [{"role": "system", "content": "/think"}, {"role": "user", "content": "What is 2+3?"}]
+    direct = [{"role": "system", "content": "/no_think"}, {"role": "user", "content": "What is 2+3?"}]
+    reply = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    replies = [reply("2+3=5</think>\\boxed{5}"), reply("2+3=6</think>\\boxed{6}"), reply("\\boxed{5}"), reply("\\boxed{5}")]
+    logged: dict[str, float] = {}
+    reward(prompts=[think, think, direct, direct], completions=[""] * 4, completion_ids=replies,
+           source=["math"] * 4, gold=["5"] * 4, log_metric=logged.__setitem__)
+    assert logged["rewards_by_mode/math/think"] == 0.5 and logged["rewards_by_mode/math/no_think"] == 1.0
