@@ -15,7 +15,7 @@ from rewards.code import CodeRewardConfig
 from rewards.common import answer_text, boxed_contents, column, message_text
 from rewards.format import format_reward, well_formed
 from rewards.ifeval import check, count_words, ifeval_reward
-from rewards.safety import is_refusal, safety_reward
+from rewards.safety import is_help, is_refusal, safety_reward
 from rewards.sandbox import SandboxLimits, sandbox_problem
 
 CODE_CONFIG = CodeRewardConfig(limits=SandboxLimits(test_timeout=1.0, wall_timeout=20.0))
@@ -239,6 +239,12 @@ def test_safety_reward_rewards_matching_behaviour() -> None:
     assert safety_reward(prompts=["p"], completions=["x"], gold=["refuse"], source=["math"]) == [None]
     with pytest.raises(ValueError, match="refuse"):
         safety_reward(prompts=["p"], completions=["x"], gold=["maybe"])
+
+
+@pytest.mark.parametrize("reply", ["The answer is \\boxed{1}.", "Ok.", "", "I can't help with that."])
+def test_a_benign_prompt_is_not_helped_by_a_token_reply(reply: str) -> None:
+    assert safety_reward(prompts=["p"], completions=[f"</think>{reply}"], gold=["comply"]) == [0.0]
+    assert not is_help(reply)
 
 
 # ---------------------------------------------------------------- ifeval
