@@ -39,6 +39,11 @@ def opened_reply(prompt: str) -> str:
     return prompt.rsplit(ASSISTANT_START, 1)[-1] if ASSISTANT_START in prompt else ""
 
 
+def reasoning_mode(prompt: str) -> str:
+    """``think`` when the generation prompt opened a think block for the model to fill, else ``no_think``."""
+    return "think" if opened_reply(prompt) == "<think>" else "no_think"
+
+
 def mean_reward(scores: list[float | None]) -> float:
     """The mean verifiable reward, an unscorable reply counting as 0 (as a wrong one does)."""
     return sum(s or 0.0 for s in scores) / len(scores)

@@ -30,7 +30,7 @@ from data_blends.chat import prompt_messages
 from rollout.engine import RolloutEngine
 from rollout.sampling import SamplingParams
 from stages.config import GRPOSpec
-from stages.evaluate import opened_reply
+from stages.evaluate import reasoning_mode
 from stages.runner import StageContext, trainer_arguments
 from stages.scoring import SourceReward, render
 
@@ -84,7 +84,7 @@ class EngineRollout:
         outs = self._engine(trainer).generate(ids, params)
         trainer._log_metric("time/generation_s", time.perf_counter() - start)
         for mode in ("think", "no_think"):
-            chosen = [o for o, t in zip(outs, texts) if (opened_reply(t) == "<think>") == (mode == "think")]
+            chosen = [o for o, t in zip(outs, texts) if reasoning_mode(t) == mode]
             if chosen:
                 lengths = [len(o.token_ids) for o in chosen]
                 trainer._log_metric(f"completions/{mode}/mean_length", sum(lengths) / len(lengths))

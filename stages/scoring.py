@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from rewards import get_reward, summarize, weighted_sum
-from stages.evaluate import opened_reply
+from stages.evaluate import opened_reply, reasoning_mode
 
 
 def render(tokenizer: Any, prompt: list[dict[str, str]]) -> str:
@@ -46,8 +46,8 @@ class SourceReward:
             return scores
         start = time.perf_counter()
         pick = lambda values: [values[i] for i in mine]  # noqa: E731
-        opened = [opened_reply(render(self.tokenizer, prompts[i])) for i in mine]
-        replies = [head + self.text(completion_ids[i]) for head, i in zip(opened, mine)]
+        rendered = [render(self.tokenizer, prompts[i]) for i in mine]
+        replies = [opened_reply(text) + self.text(completion_ids[i]) for text, i in zip(rendered, mine)]
         kwargs = {k: pick(v) for k, v in columns.items() if isinstance(v, list) and len(v) == len(completions)}
         parts = [reward(prompts=pick(prompts), completions=replies, **kwargs) for reward in self.rewards]
         for i, value in zip(mine, weighted_sum(parts, self.weights)):
@@ -55,8 +55,8 @@ class SourceReward:
         if log_metric is not None:
             log_metric(f"unscorable/{self.source}", summarize([scores[i] for i in mine])["unscorable"])
             log_metric(f"time/scoring_{self.source}_s", time.perf_counter() - start)
-            for think, mode in ((True, "think"), (False, "no_think")):  # RL must raise both modes
-                values = [scores[i] or 0.0 for i, o in zip(mine, opened) if (o == "<think>") == think]
+            for mode in ("think", "no_think"):  # RL must raise both modes
+                values = [scores[i] or 0.0 for i, text in zip(mine, rendered) if reasoning_mode(text) == mode]
                 if values:
                     log_metric(f"rewards_by_mode/{self.source}/{mode}", sum(values) / len(values))
         return scores
