@@ -59,6 +59,11 @@ class EvalSpec:
     max_length: int = 1024  # longest prompt the eval engine takes
     batch_size: int = 64
     seed: int = 1234
+    # Besides the greedy answer, the mean reward of this many samples per prompt (0: none). Greedy shows
+    # only each prompt's most likely reply; RL moves probabilities, which sampling sees before the argmax
+    # flips, and k samples per prompt average out the noise of one draw.
+    samples: int = 0
+    sample_temperature: float = 0.8
 
 
 @dataclass

@@ -5,7 +5,9 @@ function GRPO trains on, so the eval and the training signal cannot drift apart.
 ``accuracy`` (math, science, code: share fully correct; math also apart on one-step and multi-step
 problems), ``pass_rate`` (instruction following), ``refusal_rate`` on harmful prompts and
 ``over_refusal_rate`` on benign ones (safety), the mean reward (``reward``; per mode over all sources:
-``reward/<mode>``), and the mean response length in tokens.
+``reward/<mode>``), and the mean response length in tokens. With ``samples`` k > 0, also the mean reward
+of k samples per prompt at ``sample_temperature`` (``sampled_reward``; per mode: ``sampled_reward/<mode>``),
+seeded, so two checkpoints are compared on the same draws of the sampler.
 """
 
 from __future__ import annotations
@@ -34,6 +36,14 @@ def generate_greedy(engine: RolloutEngine, prompts: list[str], max_new_tokens: i
     return [o.text for o in outs], [len(o.token_ids) - (o.finish_reason == "stop") for o in outs]
 
 
+def generate_sampled(engine: RolloutEngine, prompts: list[str], spec: EvalSpec) -> list[str]:
+    """``spec.samples`` sampled completions per prompt, prompt by prompt (k in a row for each)."""
+    params = SamplingParams(max_new_tokens=spec.max_new_tokens, temperature=spec.sample_temperature,
+                            seed=spec.seed)
+    outs = engine.generate([p for p in prompts for _ in range(spec.samples)], params, progress=True)
+    return [o.text for o in outs]
+
+
 def opened_reply(prompt: str) -> str:
     """What the generation prompt already wrote of the reply (``<think>`` or ``<think></think>``)."""
     return prompt.rsplit(ASSISTANT_START, 1)[-1] if ASSISTANT_START in prompt else ""
@@ -44,15 +54,26 @@ def reasoning_mode(prompt: str) -> str:
     return "think" if opened_reply(prompt) == "<think>" else "no_think"
 
 
+def sampled_reward(source: str, rows: list[dict], prompts: list[str], texts: list[str], samples: int) -> float:
+    """The mean reward of ``samples`` completions per prompt (``texts`` k in a row for each prompt)."""
+    rows, prompts = ([x for x in xs for _ in range(samples)] for xs in (rows, prompts))
+    return mean_reward(score(source, rows, prompts, [opened_reply(p) + t for p, t in zip(prompts, texts)]))
+
+
 def mean_reward(scores: list[float | None]) -> float:
     """The mean verifiable reward, an unscorable reply counting as 0 (as a wrong one does)."""
     return sum(s or 0.0 for s in scores) / len(scores)
 
 
+def score(source: str, rows: list[dict], prompts: list[str], replies: list[str]) -> list[float | None]:
+    """One source's replies scored by its reward, which reads the rows' answer columns."""
+    columns = {key: [row[key] for row in rows] for key in ("gold", "tests", "constraints")}
+    return get_reward(source)(prompts=prompts, completions=replies, **columns)
+
+
 def source_metrics(source: str, rows: list[dict], prompts: list[str], replies: list[str]) -> dict[str, float]:
     """Score one source's replies with its reward and turn the scores into the source's metrics."""
-    columns = {key: [row[key] for row in rows] for key in ("gold", "tests", "constraints")}
-    scores = get_reward(source)(prompts=prompts, completions=replies, **columns)
+    scores = score(source, rows, prompts, replies)
     if source == "safety":
         answers = [answer_text(reply) for reply in replies]
         harmful = [is_refusal(a) for a, row in zip(answers, rows) if row["gold"] == "refuse"]
@@ -90,11 +111,15 @@ def evaluate(model: Any, tokenizer: Any, spec: EvalSpec) -> dict[str, Any]:
             replies = [opened_reply(p) + t for p, t in zip(prompts, texts)]
             metrics = source_metrics(source, rows, prompts, replies)
             metrics["mean_length"] = sum(lengths) / len(lengths)
+            if spec.samples:
+                metrics["sampled_reward"] = sampled_reward(source, rows, prompts,
+                                                           generate_sampled(engine, prompts, spec), spec.samples)
             results.setdefault(source, {})[mode] = metrics
     summary = {f"{source}/{mode}/{name}": value for source, modes in results.items()
                for mode, metrics in modes.items() for name, value in metrics.items()}
     for mode in spec.modes:  # every source weighs the same: what GRPO's rewards say of the stage, per mode
-        summary[f"reward/{mode}"] = sum(results[s][mode]["reward"] for s in spec.sources) / len(spec.sources)
+        for name in ("reward", "sampled_reward")[: 1 + bool(spec.samples)]:
+            summary[f"{name}/{mode}"] = sum(results[s][mode][name] for s in spec.sources) / len(spec.sources)
     return {"results": results, "summary": summary, "n_per_source": spec.n_per_source}
 
 

@@ -28,6 +28,8 @@ ROWS = [  # (label, eval summary key)
     ("over-refusal /think", "safety/think/over_refusal_rate"),
     ("over-refusal /no_think", "safety/no_think/over_refusal_rate"),
     ("mean verifiable reward /think", "reward/think"), ("mean verifiable reward /no_think", "reward/no_think"),
+    ("mean sampled reward /think", "sampled_reward/think"),
+    ("mean sampled reward /no_think", "sampled_reward/no_think"),
 ]
 LENGTH_MODES = ("think", "no_think")
 

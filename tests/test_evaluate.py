@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from data_blends import generators
 from stages.config import EvalSpec
-from stages.evaluate import evaluate, format_table, opened_reply, source_metrics
+from stages.evaluate import evaluate, format_table, opened_reply, sampled_reward, source_metrics
 
 
 def test_opened_reply_is_the_part_of_the_reply_the_prompt_wrote():
@@ -59,3 +59,26 @@ def test_untrained_model_scores_nothing(tiny_model, tokenizer):
     assert report["summary"]["reward/think"] == report["results"]["math"]["think"]["reward"] == 0.0
     assert 0 < report["results"]["math"]["no_think"]["mean_length"] <= 6
     assert "math" in format_table(report, "t")
+
+
+def test_sampled_reward_scores_each_prompts_samples_against_that_prompts_answer():
+    rows = generators.generate("math", "test", 3, seed=3)
+    right = [f"The answer is \\boxed{{{r['gold']}}}." for r in rows]
+    wrong = "The answer is \\boxed{-1}."
+    prompts = ["<|im_start|>assistant\n<think></think>"] * 3
+    # two samples per prompt, k in a row: 1 + 0, 1 + 1, 0 + 0 correct
+    texts = [right[0], wrong, right[1], right[1], wrong, wrong]
+    assert sampled_reward("math", rows, prompts, texts, samples=2) == 0.5
+    # the same answers in another prompt's place score nothing
+    assert sampled_reward("math", rows, prompts, [right[1], right[1], right[2], right[2], right[0], right[0]], 2) == 0
+
+
+def test_sampled_eval_is_seeded_and_reported_per_mode(tiny_model, tokenizer):
+    spec = EvalSpec(sources=["math", "safety"], n_per_source=3, max_new_tokens=8, samples=2)
+    first, second = (evaluate(tiny_model, tokenizer, spec)["summary"] for _ in range(2))
+    assert first == second
+    for mode in ("think", "no_think"):
+        per_source = [first[f"{s}/{mode}/sampled_reward"] for s in spec.sources]
+        assert first[f"sampled_reward/{mode}"] == sum(per_source) / 2
+    greedy_only = evaluate(tiny_model, tokenizer, EvalSpec(sources=["math"], n_per_source=3, max_new_tokens=8))
+    assert not any("sampled" in key for key in greedy_only["summary"])
