@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from rollout.kernels.ssd_scan import _chunk_table, _flat_cu_seqlens, _inner_contiguous, _segments
+from rollout.kernels.ssd_scan import Padding, _chunk_table, _flat_cu_seqlens, _inner_contiguous
 
 
 @triton.jit
@@ -189,14 +189,13 @@ def causal_conv1d_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     """
     batch, seqlen, dim = x.shape
     width = weight.shape[1]
-    out = torch.empty_like(x)
-    states = []
-    for row, start, end in _segments(batch, seqlen, cu_seqlens):
-        seq = F.pad(x[row, start:end].T, (width - 1, 0))            # [dim, width - 1 + T]
-        y = F.conv1d(seq[None].to(weight.dtype), weight[:, None], bias, groups=dim)[0]
-        out[row, start:end] = (F.silu(y) if silu else y).T.to(x.dtype)
-        states.append(seq[:, seq.shape[1] - (width - 1):])
-    return out, torch.stack(states)
+    padding = Padding.of(batch, seqlen, cu_seqlens, x.device)
+    seqs = F.pad(padding.pad(x).transpose(1, 2), (width - 1, 0))       # [nseq, dim, width - 1 + longest]
+    y = F.conv1d(seqs.to(weight.dtype), weight[:, None], bias, groups=dim)
+    out = padding.unpad((F.silu(y) if silu else y).transpose(1, 2), torch.empty_like(x))
+    # each sequence's last width - 1 inputs: they end at its length in the left-padded row
+    ends = padding.valid.sum(1)[:, None] + torch.arange(width - 1, device=x.device)
+    return out, seqs.gather(2, ends[:, None].expand(-1, dim, -1))
 
 
 def causal_conv1d_update_ref(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,

@@ -16,6 +16,8 @@ is computed inside the chunk scan instead of being written out per chunk and rea
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -366,27 +368,57 @@ def _segments(batch: int, seqlen: int, cu_seqlens: torch.Tensor | None) -> list[
     return [(0, start, end) for start, end in zip(bounds[:-1], bounds[1:])]
 
 
-def _scan_one(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-              state: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sequence in fp32: x [T, H, P], dt [T, H], B and C [T, H, N], state [H, P, N]."""
+class Padding(NamedTuple):
+    """Where each sequence's tokens sit: token t of sequence i is at ``[rows[i, t], index[i, t]]`` of the
+    [batch, seqlen, ...] input, for ``valid[i, t]``. Lets the references run every sequence at once,
+    as rows of a [nseq, longest, ...] batch zero-padded at the end, instead of one by one."""
+
+    rows: torch.Tensor   # [nseq, longest]
+    index: torch.Tensor  # [nseq, longest]
+    valid: torch.Tensor  # [nseq, longest] bool
+
+    @classmethod
+    def of(cls, batch: int, seqlen: int, cu_seqlens: torch.Tensor | None, device: torch.device) -> Padding:
+        segments = _segments(batch, seqlen, cu_seqlens)
+        rows, starts, lengths = (torch.tensor(column, device=device).reshape(-1)
+                                 for column in zip(*((r, s, e - s) for r, s, e in segments)))
+        steps = torch.arange(int(lengths.max()), device=device)
+        valid = steps < lengths[:, None]
+        return cls(rows[:, None].expand_as(valid), torch.where(valid, starts[:, None] + steps, 0), valid)
+
+    def pad(self, t: torch.Tensor) -> torch.Tensor:
+        """[batch, seqlen, ...] -> [nseq, longest, ...], zeros past each sequence's end."""
+        mask = self.valid.reshape(*self.valid.shape, *[1] * (t.dim() - 2))
+        return t[self.rows, self.index] * mask
+
+    def unpad(self, padded: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Write the valid positions of [nseq, longest, ...] back into ``out`` [batch, seqlen, ...]."""
+        out[self.rows[self.valid], self.index[self.valid]] = padded[self.valid].to(out.dtype)
+        return out
+
+
+def _scan_chunks(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                 state: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences side by side in fp32: x [S, T, H, P], dt [S, T, H] (0 past a sequence's end, so padding
+    neither decays nor feeds the state), B and C [S, T, H, N], state [S, H, P, N]."""
     a = dt * A                                  # log-decay of each step, <= 0
     xdt = x * dt[..., None]
     ys = []
-    for start in range(0, x.shape[0], chunk_size):
+    for start in range(0, x.shape[1], chunk_size):
         chunk = slice(start, start + chunk_size)
-        cum = a[chunk].cumsum(0)                # [q, H]
+        cum = a[:, chunk].cumsum(1)             # [S, q, H]
         # exp(cum_t - cum_s) for s <= t; the exponent is clamped at 0 so rounding cannot overflow it.
-        gap = (cum[:, None, :] - cum[None, :, :]).clamp(max=0.0)
-        causal = torch.ones(gap.shape[:2], dtype=torch.bool, device=x.device).tril()[..., None]
-        decay = torch.exp(gap.masked_fill(~causal, float("-inf")))          # [q(t), q(s), H]
-        scores = torch.einsum("thn,shn->tsh", C[chunk], B[chunk]) * decay
-        y = torch.einsum("tsh,shp->thp", scores, xdt[chunk])
-        y = y + torch.exp(cum)[..., None] * torch.einsum("thn,hpn->thp", C[chunk], state)
-        to_end = torch.exp((cum[-1:] - cum).clamp(max=0.0))                 # [q, H]
-        state = torch.exp(cum[-1])[:, None, None] * state + torch.einsum(
-            "sh,shp,shn->hpn", to_end, xdt[chunk], B[chunk])
+        gap = (cum[:, :, None, :] - cum[:, None, :, :]).clamp(max=0.0)
+        causal = torch.ones(gap.shape[1:3], dtype=torch.bool, device=x.device).tril()[..., None]
+        decay = torch.exp(gap.masked_fill(~causal, float("-inf")))          # [S, q(t), q(s), H]
+        scores = torch.einsum("bthn,bshn->btsh", C[:, chunk], B[:, chunk]) * decay
+        y = torch.einsum("btsh,bshp->bthp", scores, xdt[:, chunk])
+        y = y + torch.exp(cum)[..., None] * torch.einsum("bthn,bhpn->bthp", C[:, chunk], state)
+        to_end = torch.exp((cum[:, -1:] - cum).clamp(max=0.0))              # [S, q, H]
+        state = torch.exp(cum[:, -1])[:, :, None, None] * state + torch.einsum(
+            "bsh,bshp,bshn->bhpn", to_end, xdt[:, chunk], B[:, chunk])
         ys.append(y)
-    return torch.cat(ys), state
+    return torch.cat(ys, dim=1), state
 
 
 def ssd_scan_ref(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -405,18 +437,12 @@ def ssd_scan_ref(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Te
     """
     batch, seqlen, nheads, headdim = x.shape
     per_group = nheads // B.shape[2]
-    dt = _discretize_dt(dt, dt_bias, dt_limit)
-    B = B.float().repeat_interleave(per_group, dim=2)
-    C = C.float().repeat_interleave(per_group, dim=2)
-    segments = _segments(batch, seqlen, cu_seqlens)
-    y = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    finals = []
-    for i, (row, start, end) in enumerate(segments):
-        state = (initial_states[i].float() if initial_states is not None
-                 else x.new_zeros(nheads, headdim, B.shape[-1], dtype=torch.float32))
-        span = slice(start, end)
-        y[row, span], state = _scan_one(x[row, span].float(), dt[row, span], A.float(), B[row, span],
-                                        C[row, span], state, chunk_size)
-        finals.append(state)
+    padding = Padding.of(batch, seqlen, cu_seqlens, x.device)
+    dt = padding.pad(_discretize_dt(dt, dt_bias, dt_limit))
+    B, C = (padding.pad(t.float()).repeat_interleave(per_group, dim=2) for t in (B, C))
+    state = (initial_states.float() if initial_states is not None
+             else x.new_zeros(dt.shape[0], nheads, headdim, B.shape[-1], dtype=torch.float32))
+    y, finals = _scan_chunks(padding.pad(x.float()), dt, A.float(), B, C, state, chunk_size)
+    y = padding.unpad(y, torch.empty(x.shape, dtype=torch.float32, device=x.device))
     y = y + D.float()[:, None] * x.float()
-    return y.to(x.dtype), torch.stack(finals)
+    return y.to(x.dtype), finals
