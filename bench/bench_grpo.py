@@ -69,8 +69,9 @@ def mean(values: list[float]) -> float:
 def trainer_args(out: str, batch: int, group: int, new_tokens: int, steps: int) -> GRPOConfig:
     """The tiny GRPO stage's trainer settings: fp32, no activation checkpointing (TRL turns both bf16
     autocast and checkpointing on by default, which on CPU only slow the training half of a step)."""
-    return GRPOConfig(bf16=False, activation_checkpointing=False, output_dir=out, max_steps=steps, per_device_train_batch_size=batch, num_generations=group,
-                      max_completion_length=new_tokens, learning_rate=1e-5, logging_steps=1, save_strategy="no",
+    return GRPOConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=batch, num_generations=group,
+                      bf16=False, activation_checkpointing=False, max_completion_length=new_tokens,
+                      learning_rate=1e-5, logging_steps=1, save_strategy="no",
                       report_to=[], use_cpu=not torch.cuda.is_available(), seed=0, temperature=1.0, beta=0.0,
                       mask_truncated_completions=False, vllm_importance_sampling_correction=True)
 
@@ -121,6 +122,7 @@ def main() -> None:
           f"{our_step:.2f} s, of which training {our_training:.2f} s")
     print(f"GRPO step speed-up with the rollout engine: {trl_step / our_step:.1f}x "
           f"(with generation and scoring free, the training alone would bound it at {trl_step / our_training:.1f}x)")
+
 
 if __name__ == "__main__":
     main()
