@@ -49,6 +49,11 @@ def opened_reply(prompt: str) -> str:
     return prompt.rsplit(ASSISTANT_START, 1)[-1] if ASSISTANT_START in prompt else ""
 
 
+def whole_replies(prompts: list[str], texts: list[str]) -> list[str]:
+    """Each completion with what its prompt already wrote of the reply, as the rewards read it."""
+    return [opened_reply(p) + t for p, t in zip(prompts, texts)]
+
+
 def reasoning_mode(prompt: str) -> str:
     """``think`` when the generation prompt opened a think block for the model to fill, else ``no_think``."""
     return "think" if opened_reply(prompt) == "<think>" else "no_think"
@@ -57,7 +62,7 @@ def reasoning_mode(prompt: str) -> str:
 def sampled_reward(source: str, rows: list[dict], prompts: list[str], texts: list[str], samples: int) -> float:
     """The mean reward of ``samples`` completions per prompt (``texts`` k in a row for each prompt)."""
     rows, prompts = ([x for x in xs for _ in range(samples)] for xs in (rows, prompts))
-    return mean_reward(score(source, rows, prompts, [opened_reply(p) + t for p, t in zip(prompts, texts)]))
+    return mean_reward(score(source, rows, prompts, whole_replies(prompts, texts)))
 
 
 def mean_reward(scores: list[float | None]) -> float:
@@ -108,8 +113,7 @@ def evaluate(model: Any, tokenizer: Any, spec: EvalSpec) -> dict[str, Any]:
             prompts = [tokenizer.apply_chat_template(prompt_messages(r, think), tokenize=False,
                                                      add_generation_prompt=True) for r in rows]
             texts, lengths = generate_greedy(engine, prompts, spec.max_new_tokens)
-            replies = [opened_reply(p) + t for p, t in zip(prompts, texts)]
-            metrics = source_metrics(source, rows, prompts, replies)
+            metrics = source_metrics(source, rows, prompts, whole_replies(prompts, texts))
             metrics["mean_length"] = sum(lengths) / len(lengths)
             if spec.samples:
                 metrics["sampled_reward"] = sampled_reward(source, rows, prompts,
@@ -118,7 +122,7 @@ def evaluate(model: Any, tokenizer: Any, spec: EvalSpec) -> dict[str, Any]:
     summary = {f"{source}/{mode}/{name}": value for source, modes in results.items()
                for mode, metrics in modes.items() for name, value in metrics.items()}
     for mode in spec.modes:  # every source weighs the same: what GRPO's rewards say of the stage, per mode
-        for name in ("reward", "sampled_reward")[: 1 + bool(spec.samples)]:
+        for name in ["reward"] + (["sampled_reward"] if spec.samples else []):
             summary[f"{name}/{mode}"] = sum(results[s][mode][name] for s in spec.sources) / len(spec.sources)
     return {"results": results, "summary": summary, "n_per_source": spec.n_per_source}
 
