@@ -117,9 +117,10 @@ def main() -> None:
     trl, ours = timings["TRL generate()"], timings["rollout engine"]
     skip = 1 if args.steps > 1 else 0  # the first step of each pays one-off costs (allocator, first compile)
     trl_step, our_step = mean(trl.steps[skip:]), mean(ours.steps[skip:])
-    our_training = our_step - mean(ours.rollouts[skip:])
-    print(f"mean step{' after the first' if skip else ''}: TRL generate() {trl_step:.2f} s, rollout engine "
-          f"{our_step:.2f} s, of which training {our_training:.2f} s")
+    trl_training, our_training = trl_step - mean(trl.rollouts[skip:]), our_step - mean(ours.rollouts[skip:])
+    print(f"mean step{' after the first' if skip else ''}: TRL generate() {trl_step:.2f} s (training "
+          f"{trl_training:.2f} s), rollout engine {our_step:.2f} s (training {our_training:.2f} s, in "
+          f"{spec.length_groups} groups of rows of similar length)")
     print(f"GRPO step speed-up with the rollout engine: {trl_step / our_step:.1f}x "
           f"(with generation and scoring free, the training alone would bound it at {trl_step / our_training:.1f}x)")
 

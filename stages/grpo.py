@@ -121,6 +121,37 @@ def resample_groups(missing: int, batch: int) -> int:
     return min(2 * missing, batch)
 
 
+def length_groups(attention_mask: torch.Tensor, completion_width: int,
+                  groups: int) -> list[tuple[torch.Tensor, slice, int]]:
+    """Rows sorted by length, split into ``groups`` groups of similar length, so that each group can run
+    without the padding it does not need.
+
+    ``attention_mask`` [batch, prompt + completion] has prompts left-padded and completions right-padded
+    (TRL's layout; the last ``completion_width`` columns are the completion). Per group: its row indices,
+    the column span holding every real token of those rows, and how many completion columns that span
+    keeps (at least 1).
+    """
+    width = attention_mask.shape[1]
+    columns = torch.arange(width, device=attention_mask.device)
+    real = attention_mask.bool()
+    first = torch.where(real, columns, width).min(dim=1).values
+    last = torch.where(real, columns, -1).max(dim=1).values.clamp(min=width - completion_width)
+    order = torch.argsort(last - first, stable=True)
+    out = []
+    for rows in order.tensor_split(min(groups, len(order))):
+        end = int(last[rows].max()) + 1
+        out.append((rows, slice(int(first[rows].min()), end), end - (width - completion_width)))
+    return out
+
+
+def ungroup(parts: list[torch.Tensor], groups: list[tuple[torch.Tensor, slice, int]], width: int) -> torch.Tensor:
+    """Per-group [rows, kept completion columns] values back in the batch's row order, right-padded with
+    zeros to ``width`` completion columns."""
+    padded = torch.cat([torch.nn.functional.pad(part, (0, width - part.shape[1])) for part in parts])
+    order = torch.cat([rows for rows, _, _ in groups])
+    return padded[torch.argsort(order)]
+
+
 LEFT_PADDED = ("prompt_ids", "prompt_mask")
 
 
@@ -166,8 +197,17 @@ class GRPOStageTrainer(GRPOTrainer):
         generate_every = self.args.steps_per_generation * self.num_iterations
         return self.spec.importance_sampling and self.args.gradient_accumulation_steps % generate_every == 0
 
-    def _get_per_token_logps_and_entropies(self, *args: Any, **kwargs: Any) -> tuple[Any, Any, Any]:
-        logps, entropies, aux = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+    def _get_per_token_logps_and_entropies(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                           logits_to_keep: int, *args: Any, **kwargs: Any) -> tuple[Any, Any, Any]:
+        """TRL's forward pass, run per group of rows of similar length (``length_groups``), each cut to the
+        columns its rows use: a batch padded to its longest completion costs little more than its tokens."""
+        groups = length_groups(attention_mask, logits_to_keep, self.spec.length_groups)
+        parts = [super(GRPOStageTrainer, self)._get_per_token_logps_and_entropies(
+            model, input_ids[rows, cols], attention_mask[rows, cols], keep, *args, **kwargs)
+            for rows, cols, keep in groups]
+        logps = ungroup([p[0] for p in parts], groups, logits_to_keep)
+        entropies = None if parts[0][1] is None else ungroup([p[1] for p in parts], groups, logits_to_keep)
+        aux = None if parts[0][2] is None else torch.stack([p[2] for p in parts]).mean()
         if self._scoring is not None:  # the loss's forward pass of a deferred batch: weigh it now
             inputs, self._scoring = self._scoring, None
             inputs["importance_sampling_ratio"] = self._weigh(logps.detach(), inputs)

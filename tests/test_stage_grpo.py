@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import yaml
+from trl import GRPOTrainer
 
 from model.factory import build_model
 from stages.config import load_config
-from stages.grpo import (SourceReward, build_trainer, importance_ratio, informative_rows, merge_batches,
-                         resample_groups)
+from stages.grpo import (SourceReward, build_trainer, importance_ratio, informative_rows, length_groups,
+                         merge_batches, resample_groups, ungroup)
 from stages.runner import StageContext
 
 GRPO_STAGE = {
@@ -32,6 +35,12 @@ def make_trainer(tmp_path, tokenizer, model, **grpo):
     trainer = build_trainer(StageContext(config, config.stages[0]), model, tokenizer)
     trainer.current_gradient_accumulation_steps = 1  # set by train(); some tests call the loss directly
     return trainer
+
+
+def use_reward(trainer, reward):
+    """Score every completion with ``reward`` alone."""
+    trainer.reward_funcs, trainer.reward_func_names = [reward], [reward.__name__]
+    trainer.reward_processing_classes, trainer.reward_weights = [None], torch.ones(1)
 
 
 def policy_logprobs(model, prompt_ids, completion_ids):
@@ -114,6 +123,53 @@ def test_deferred_importance_weights_give_trls_loss_and_gradient(tmp_path, token
     torch.testing.assert_close(grads[0], grads[1])
 
 
+def test_length_groups_cut_each_group_to_the_columns_its_rows_use():
+    # Prompt width 3 (left-padded), completion width 4 (right-padded); the last row's completion is masked.
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1, 1],
+                         [0, 0, 1, 1, 0, 0, 0],
+                         [1, 1, 1, 1, 1, 1, 0],
+                         [0, 0, 1, 0, 0, 0, 0]])
+    groups = length_groups(mask, completion_width=4, groups=2)
+    assert [(rows.tolist(), cols, keep) for rows, cols, keep in groups] == [
+        ([1, 3], slice(2, 4), 1),                                # shortest rows: one completion column kept
+        ([0, 2], slice(0, 7), 4)]
+    parts = [10 * rows[:, None] + torch.arange(keep) for rows, _, keep in groups]
+    assert ungroup(parts, groups, width=4).tolist() == [[0, 1, 2, 3], [10, 0, 0, 0], [20, 21, 22, 23], [30, 0, 0, 0]]
+
+
+def test_grouped_forward_gives_the_loss_and_gradient_of_trls_padded_forward(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer, build_model("tiny", tokenizer, seed=0), dynamic_sampling=False,
+                           mask_truncated_completions=False, importance_sampling=False, length_groups=3)
+    engine_rollout = trainer.rollout_func
+
+    def uneven_rollout(prompts, trainer_):  # completions of 1 to 12 tokens, as a trained model stops
+        out = engine_rollout(prompts, trainer_)
+        for key in ("completion_ids", "logprobs"):
+            out[key] = [row[: 1 + 5 * i % 12] for i, row in enumerate(out[key])]
+        return out
+
+    def length_parity(prompts, completions, completion_ids, **kw):
+        return [float(len(c) % 2) for c in completion_ids]
+
+    trainer.rollout_func = uneven_rollout
+    use_reward(trainer, length_parity)
+    inputs = [dict(trainer.train_dataset[i]) for i in range(2) for _ in range(4)]
+    trainer.model.train()
+    out = trainer._generate_and_score_completions(inputs)
+    assert len(set(out["prompt_mask"].sum(1).tolist())) > 1 and len(set(out["completion_mask"].sum(1).tolist())) > 4
+    assert out["advantages"].abs().min() > 0
+    losses, grads = [], []
+    for forward in (trainer._get_per_token_logps_and_entropies,
+                    functools.partial(GRPOTrainer._get_per_token_logps_and_entropies, trainer)):
+        trainer._get_per_token_logps_and_entropies = forward
+        trainer.model.zero_grad()
+        losses.append(trainer._compute_loss(trainer.model, dict(out)))
+        losses[-1].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("mode", ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
 def test_importance_ratio_modes(mode):
     trainer_logps = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, -1.0]])
@@ -134,8 +190,7 @@ def test_dynamic_sampling_fills_the_batch_with_informative_groups(tmp_path, toke
         float(c[0] % 2) if s == "code" else (0.0 if s == "math" else None)
         for c, s in zip(completion_ids, source)]
     odd.__name__ = "first_token_parity"
-    trainer.reward_funcs, trainer.reward_func_names = [odd], ["first_token_parity"]
-    trainer.reward_processing_classes, trainer.reward_weights = [None], torch.ones(1)
+    use_reward(trainer, odd)
     math_rows = [dict(r) for r in trainer.train_dataset if r["source"] == "math"][:2]
     inputs = [r for r in math_rows for _ in range(4)]
     trainer.model.train()
