@@ -5,6 +5,8 @@ state. Here every sequence owns a *slot* in preallocated buffers (conv and SSM s
 layers, a KV cache for the few attention layers); nothing grows by concatenation. A finished sequence
 frees its slot at once and the next waiting prompt takes it (continuous batching), so one long trace
 never holds a whole batch. New prompts are prefilled packed into one row, each from a zero state.
+The n running sequences always hold slots 0..n-1 (when one finishes, the last moves into its slot), so
+a decode step reads and writes every buffer through a view of its first n rows, never a gathered copy.
 
 The engine holds its own copy of the weights, refreshed in memory from the trainer by ``load_weights``.
 The Mamba math comes from ``rollout.kernels``: Triton on GPU, the PyTorch reference on CPU.
@@ -84,6 +86,15 @@ class StateCache:
         """Conv plus SSM state of one sequence: fixed, whatever its length."""
         return sum(t[0].numel() * t.element_size() for t in (*self.conv.values(), *self.ssm.values()))
 
+    def move(self, source: int, target: int) -> None:
+        """Copy one sequence's state (its cached tokens only) from slot ``source`` to slot ``target``."""
+        for buffer in (*self.conv.values(), *self.ssm.values()):
+            buffer[target] = buffer[source]
+        length = int(self.lengths[source])
+        for buffer in (*self.keys.values(), *self.values.values()):
+            buffer[target, :, :length] = buffer[source, :, :length]
+        self.lengths[target] = length
+
     def kv_bytes_per_token(self) -> int:
         """KV cache of one token of one sequence over all attention layers."""
         return sum(t[0, :, 0].numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
@@ -115,9 +126,6 @@ class RolloutEngine:
         self.compiled = compile
         if compile:
             self._mark_static(self.decay.values())
-            # The kernels' references write only the valid rows of a step (boolean indexing); this lets
-            # the compiler trace that instead of breaking the graph at every Mamba layer.
-            torch._dynamo.config.capture_dynamic_output_shape_ops = True
         self._step = torch.compile(self._decode_step, dynamic=True) if compile else self._decode_step
 
     def _decay(self) -> dict[int, torch.Tensor]:
@@ -171,20 +179,17 @@ class RolloutEngine:
         seqs = [_Sequence(p, torch.Generator(self.device).manual_seed(params.seed * 1_000_003 + i),
                           thinking=self._opens_thinking(p)) for i, p in enumerate(ids)]
         waiting, running = deque(seqs), []
-        free = list(range(self.max_batch - 1, -1, -1))
         bar = tqdm(total=len(seqs), desc="rollout", disable=not progress, leave=False)
         while waiting or running:
-            admitted = []
-            while waiting and free:
-                admitted.append(waiting.popleft())
-                admitted[-1].slot = free.pop()
+            admitted = [waiting.popleft() for _ in range(min(len(waiting), self.max_batch - len(running)))]
+            for slot, seq in enumerate(admitted, start=len(running)):
+                seq.slot = slot
             if admitted:  # their first token may already end them
                 self._choose(admitted, self._prefill(admitted), params)
-                running += self._retire(admitted, stops, params, free, bar)
+                running = self._compact(running + self._retire(admitted, stops, params, bar))
             if running:
-                running.sort(key=lambda s: s.slot)           # a full batch then reads its KV rows as one view
                 self._choose(running, self._decode(running), params)
-                running = self._retire(running, stops, params, free, bar)
+                running = self._compact(self._retire(running, stops, params, bar))
         bar.close()
         return [self._completion(s, stops, params) for s in seqs]
 
@@ -222,9 +227,9 @@ class RolloutEngine:
             if params.thinking_budget is not None and seq.thought >= params.thinking_budget:
                 seq.to_force.extend(self.think_end)
 
-    def _retire(self, running: list[_Sequence], stops: set[int], params: SamplingParams, free: list[int],
+    def _retire(self, running: list[_Sequence], stops: set[int], params: SamplingParams,
                 bar: tqdm) -> list[_Sequence]:
-        """Mark finished sequences and give their slots back; returns those still running."""
+        """Mark finished sequences; returns those still running."""
         still = []
         for seq in running:
             if self._ends_on_stop_token(seq, stops) or self._hit_stop_string(seq, params):
@@ -234,9 +239,18 @@ class RolloutEngine:
             if seq.finish_reason is None:
                 still.append(seq)
             else:
-                free.append(seq.slot)
                 bar.update()
         return still
+
+    def _compact(self, running: list[_Sequence]) -> list[_Sequence]:
+        """Move the sequences in slots past ``len(running)`` into the slots finished ones left free, so the
+        running sequences hold slots 0..n-1; returns them in slot order."""
+        n = len(running)
+        free = sorted(set(range(n)) - {s.slot for s in running})
+        for seq, slot in zip([s for s in running if s.slot >= n], free):
+            self.cache.move(seq.slot, slot)
+            seq.slot = slot
+        return sorted(running, key=lambda s: s.slot)
 
     @staticmethod
     def _ends_on_stop_token(seq: _Sequence, stops: set[int]) -> bool:
@@ -273,29 +287,22 @@ class RolloutEngine:
         return self._logits(hidden[0, cu[1:] - 1])
 
     def _decode(self, seqs: list[_Sequence]) -> torch.Tensor:
-        """Feed each sequence's last token; returns the next-token logits [len(seqs), vocab]."""
+        """Feed each sequence's last token (sequence i holds slot i); returns the next-token logits
+        [len(seqs), vocab]."""
         device = self.device
         tokens = torch.tensor([s.tokens[-1] for s in seqs], device=device)
-        slot_list = [s.slot for s in seqs]
-        slots = torch.tensor(slot_list, device=device)
-        # Running sequences usually hold slots 0..n-1 in order: then the KV cache is read through a view
-        # of those rows instead of a gathered copy, which would double the bytes a decode step moves.
-        # (A compiled step takes tensors only, so that the view's bounds do not become part of the graph.)
-        contiguous = not self.compiled and slot_list == list(range(len(slot_list)))
-        rows = slice(0, len(slot_list)) if contiguous else slots
-        positions = self.cache.lengths[slots]
+        positions = self.cache.lengths[: len(seqs)]
         span = int(positions.max()) + 1                  # one host sync per step, shared by all attention layers
         visible = torch.arange(span, device=device)[None] <= positions[:, None]             # [batch, span]
-        logits = self._step(tokens, slots, rows, positions, visible)
-        self.cache.lengths[slots] = positions + 1
+        logits = self._step(tokens, positions, visible)
+        positions += 1
         return logits
 
-    def _decode_step(self, tokens: torch.Tensor, slots: torch.Tensor, rows: slice | torch.Tensor,
-                     positions: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """The model on one token per sequence, reading and writing the cache in place."""
+    def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """The model on one token per sequence, reading and writing the first rows of the cache in place."""
         hidden = self._layers(self.model.model.embeddings(tokens),
-                              lambda i, mixer, x: self._mamba_step(i, mixer, x, slots),
-                              lambda i, attn, x: self._attention_step(i, attn, x, slots, rows, positions, visible))
+                              lambda i, mixer, x: self._mamba_step(i, mixer, x),
+                              lambda i, attn, x: self._attention_step(i, attn, x, positions, visible))
         return self._logits(hidden)
 
     def _layers(self, hidden: torch.Tensor, mamba: Any, attention: Any) -> torch.Tensor:
@@ -338,17 +345,17 @@ class RolloutEngine:
         self.cache.ssm[i][slots] = states.to(self.cache.ssm[i].dtype)
         return mixer.out_proj(mixer.norm(y.reshape(1, total, -1), gate).to(x.dtype))
 
-    def _mamba_step(self, i: int, mixer: Any, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def _mamba_step(self, i: int, mixer: Any, x: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
         gate, xbc, dt = self._mamba_split(mixer, mixer.in_proj(x))
         xbc = kernels.causal_conv1d_update(xbc, self.cache.conv[i], mixer.conv1d.weight[:, 0], mixer.conv1d.bias,
-                                           slot_idx=slots)
+                                           slot_idx=None)
         xs, B, C = self._ssm_inputs(mixer, xbc)
         groups = (batch, mixer.n_groups, mixer.ssm_state_size)
         y = kernels.selective_state_update(
             self.cache.ssm[i], xs.reshape(batch, mixer.num_heads, mixer.head_dim), dt,
             self.decay[i], B.reshape(groups), C.reshape(groups), mixer.D, mixer.dt_bias,
-            slot_idx=slots, dt_limit=mixer.time_step_limit)
+            slot_idx=None, dt_limit=mixer.time_step_limit)
         return mixer.out_proj(mixer.norm(y.reshape(batch, -1), gate).to(x.dtype))
 
     @staticmethod
@@ -367,15 +374,17 @@ class RolloutEngine:
                 enable_gqa=True)
         return attn.o_proj(out.transpose(0, 1).flatten(1))[None]
 
-    def _attention_step(self, i: int, attn: Any, x: torch.Tensor, slots: torch.Tensor, rows: slice | torch.Tensor,
-                        positions: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """One token per sequence; ``rows`` selects the cache rows of ``slots`` (a slice when they are
-        contiguous), ``visible`` [batch, span] marks each row's cached positions."""
+    def _attention_step(self, i: int, attn: Any, x: torch.Tensor, positions: torch.Tensor,
+                        visible: torch.Tensor) -> torch.Tensor:
+        """One token per sequence, row i in cache slot i; ``visible`` [batch, span] marks each row's cached
+        positions."""
         q, k, v = (self._heads(attn, x[:, None], p) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-        self.cache.keys[i][slots, :, positions] = k[:, :, 0]
-        self.cache.values[i][slots, :, positions] = v[:, :, 0]
-        span = visible.shape[1]
+        batch, span = visible.shape
+        keys, values = self.cache.keys[i][:batch], self.cache.values[i][:batch]
+        rows = torch.arange(batch, device=x.device)
+        keys[rows, :, positions] = k[:, :, 0]
+        values[rows, :, positions] = v[:, :, 0]
         out = F.scaled_dot_product_attention(
-            q, self.cache.keys[i][rows, :, :span], self.cache.values[i][rows, :, :span],
+            q, keys[:, :, :span], values[:, :, :span],
             attn_mask=visible[:, None, None], scale=attn.scaling, enable_gqa=True)
         return attn.o_proj(out.flatten(1))

@@ -74,11 +74,16 @@ def check_ssd_scan(T: int, chunk: int, *, batch: int = 1, G: int = 2, P: int = 8
     assert_close(final, want_final)
 
 
-def check_state_update(*, slots: tuple[int, ...] = (4, -1, 0, 2), nslots: int = 6, G: int = 2, P: int = 8,
+def slot_rows(slots: tuple[int, ...] | None) -> tuple[int, torch.Tensor | None, list[int]]:
+    """(batch, slot_idx, the slots it writes); ``slots`` None: no slot_idx, rows 0..2 are slots 0..2."""
+    return (3, None, [0, 1, 2]) if slots is None else (len(slots), torch.tensor(slots), list(slots))
+
+
+def check_state_update(*, slots: tuple[int, ...] | None = (4, -1, 0, 2), nslots: int = 6, G: int = 2, P: int = 8,
                        N: int = 6, dtype: torch.dtype = F32, strided: bool = False) -> None:
     """y, and the whole state buffer: the named slots updated, every other slot untouched, padding rows zero."""
-    g = torch.Generator().manual_seed(len(slots) + P)
-    batch, slot_idx = len(slots), torch.tensor(slots)
+    batch, slot_idx, written = slot_rows(slots)
+    g = torch.Generator().manual_seed(batch + P)
     state = randn(g, nslots, H, P, N)
     args = (randn(g, batch, H, P, dtype=dtype), randn(g, batch, H), -torch.rand(H, generator=g) * 2,
             randn(g, batch, G, N, dtype=dtype), randn(g, batch, G, N, dtype=dtype), randn(g, H), randn(g, H) * 0.5)
@@ -87,8 +92,8 @@ def check_state_update(*, slots: tuple[int, ...] = (4, -1, 0, 2), nslots: int = 
     y = selective_state_update_triton(got, *args, slot_idx=slot_idx, dt_limit=LIMIT)
     assert_close(y, selective_state_update_ref(want, *args, slot_idx=slot_idx, dt_limit=LIMIT))
     assert_close(got, want)
-    untouched = [s for s in range(nslots) if s not in slots]
-    assert torch.equal(got[untouched], state[untouched]) and not y[slot_idx < 0].any()
+    untouched = [s for s in range(nslots) if s not in written]
+    assert torch.equal(got[untouched], state[untouched]) and (slot_idx is None or not y[slot_idx < 0].any())
 
 
 def check_conv1d(*, batch: int = 1, T: int = 12, cu: tuple[int, ...] | None = (0, 2, 12), dim: int = 10,
@@ -103,16 +108,19 @@ def check_conv1d(*, batch: int = 1, T: int = 12, cu: tuple[int, ...] | None = (0
     assert_close(states, want_states)
 
 
-def check_conv1d_update(*, slots: tuple[int, ...] = (3, -1, 0), nslots: int = 5, dim: int = 10, width: int = 4,
-                        bias: bool = True, silu: bool = True, strided: bool = False) -> None:
+def check_conv1d_update(*, slots: tuple[int, ...] | None = (3, -1, 0), nslots: int = 5, dim: int = 10,
+                        width: int = 4, bias: bool = True, silu: bool = True, strided: bool = False) -> None:
     """out and the whole conv-state buffer (other slots untouched, padding rows zero)."""
-    g = torch.Generator().manual_seed(len(slots) + dim)
-    conv_state, slot_idx = randn(g, nslots, dim, width - 1), torch.tensor(slots)
-    args = (layout(randn(g, len(slots), dim), strided), randn(g, dim, width), randn(g, dim) if bias else None)
+    batch, slot_idx, written = slot_rows(slots)
+    g = torch.Generator().manual_seed(batch + dim)
+    conv_state = randn(g, nslots, dim, width - 1)
+    args = (layout(randn(g, batch, dim), strided), randn(g, dim, width), randn(g, dim) if bias else None)
     got, want = conv_state.clone(), conv_state.clone()
     out = causal_conv1d_update_triton(args[0], got, *args[1:], slot_idx=slot_idx, silu=silu)
     assert_close(out, causal_conv1d_update_ref(args[0], want, *args[1:], slot_idx=slot_idx, silu=silu))
-    assert torch.equal(got, want) and not out[slot_idx < 0].any()
+    untouched = [s for s in range(nslots) if s not in written]
+    assert torch.equal(got, want) and torch.equal(got[untouched], conv_state[untouched])
+    assert slot_idx is None or not out[slot_idx < 0].any()
 
 
 CASES: dict[str, Callable[[], None]] = {
@@ -131,12 +139,14 @@ CASES: dict[str, Callable[[], None]] = {
     "state_update/ngroups1-headdim20-dstate32-strided": partial(check_state_update, slots=(1, 5, -1), G=1, P=20,
                                                                 N=32, strided=True),
     "state_update/bf16": partial(check_state_update, dtype=BF16),
+    "state_update/rows-are-slots": partial(check_state_update, slots=None),
     "conv1d/packed-short-sequence": partial(check_conv1d),
     # a sequence whose last 64-token block holds 1 token, 70 channels in two blocks
     "conv1d/packed-across-blocks-strided": partial(check_conv1d, T=100, cu=(0, 2, 67, 100), dim=70, strided=True),
     "conv1d/batch2-no-bias-no-silu": partial(check_conv1d, batch=2, T=9, cu=None, bias=False, silu=False),
     "conv1d_update/padding-strided": partial(check_conv1d_update, strided=True),
     "conv1d_update/no-bias-no-silu-width3": partial(check_conv1d_update, slots=(0, 4), width=3, bias=False, silu=False),
+    "conv1d_update/rows-are-slots": partial(check_conv1d_update, slots=None),
 }
 
 

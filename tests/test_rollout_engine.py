@@ -58,6 +58,16 @@ def test_seeded_sampling_does_not_depend_on_batching(tiny_model, tokenizer, prom
     wide = RolloutEngine(tiny_model, tokenizer, max_batch=4, max_length=128).generate(prompts, params)
     narrow = RolloutEngine(tiny_model, tokenizer, max_batch=1, max_length=128).generate(prompts, params)
     assert [o.token_ids for o in wide] == [o.token_ids for o in narrow]
+    # Stop tokens that end the sequences at different steps: running sequences move into the slots that
+    # finished ones free, and still continue exactly as when each runs alone.
+    free = RolloutEngine(tiny_model, tokenizer, max_batch=1, max_length=128).generate(prompts * 2, params)
+    stops = SamplingParams(**{**params.__dict__, "stop_token_ids": (free[0].token_ids[3], free[5].token_ids[11])})
+    wide = RolloutEngine(tiny_model, tokenizer, max_batch=3, max_length=128).generate(prompts * 2, stops)
+    narrow = RolloutEngine(tiny_model, tokenizer, max_batch=1, max_length=128).generate(prompts * 2, stops)
+    assert len({len(o.token_ids) for o in wide}) > 3 and {o.finish_reason for o in wide} == {"stop", "length"}
+    assert [o.token_ids for o in wide] == [o.token_ids for o in narrow]
+    for a, b in zip(wide, narrow):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
     other_seed = RolloutEngine(tiny_model, tokenizer, max_batch=4, max_length=128).generate(
         prompts, SamplingParams(**{**params.__dict__, "seed": 8}))
     assert [o.token_ids for o in other_seed] != [o.token_ids for o in wide]

@@ -163,15 +163,18 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
-                         bias: torch.Tensor | None, *, slot_idx: torch.Tensor,
+                         bias: torch.Tensor | None, *, slot_idx: torch.Tensor | None,
                          silu: bool = True) -> torch.Tensor:
     """One token per sequence through the conv, shifting its slot's state in place; Triton.
 
     x: [batch, dim]; conv_state: [nslots, dim, width - 1], updated in place; weight: [dim, width];
-    bias: [dim] or None; slot_idx: [batch] int (< 0: padding row, zeros out, no state change).
+    bias: [dim] or None; slot_idx: [batch] int (< 0: padding row, zeros out, no state change), or None:
+    row i is slot i (the first ``batch`` slots, read and written in place without a gather).
     Returns out: [batch, dim] in x's dtype.
     """
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if slot_idx is None:
+        slot_idx = torch.arange(x.shape[0], device=x.device, dtype=torch.int32)
     _conv1d_update_fwd(_inner_contiguous(x), conv_state, _inner_contiguous(weight), bias, slot_idx.contiguous(), silu,
                        out)
     return out
@@ -199,19 +202,24 @@ def causal_conv1d_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 
 def causal_conv1d_update_ref(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
-                             bias: torch.Tensor | None, *, slot_idx: torch.Tensor,
+                             bias: torch.Tensor | None, *, slot_idx: torch.Tensor | None,
                              silu: bool = True) -> torch.Tensor:
     """One token per sequence through the conv, shifting its slot's state in place; PyTorch reference.
 
     x: [batch, dim]; conv_state: [nslots, dim, width - 1], updated in place; weight: [dim, width];
-    bias: [dim] or None; slot_idx: [batch] int (< 0: padding row, zeros out, no state change).
+    bias: [dim] or None; slot_idx: [batch] int (< 0: padding row, zeros out, no state change), or None:
+    row i is slot i (the first ``batch`` slots, read and written in place without a gather).
     Returns out: [batch, dim] in x's dtype.
     """
-    valid = slot_idx >= 0
-    window = torch.cat([conv_state[slot_idx.clamp(min=0)], x[..., None].to(conv_state.dtype)], dim=-1)
-    conv_state[slot_idx[valid]] = window[valid, :, 1:]
+    states = conv_state[: x.shape[0]] if slot_idx is None else conv_state[slot_idx.clamp(min=0)]
+    window = torch.cat([states, x[..., None].to(conv_state.dtype)], dim=-1)
     y = (window.to(weight.dtype) * weight).sum(-1)
     if bias is not None:
         y = y + bias
     y = F.silu(y) if silu else y
+    if slot_idx is None:
+        conv_state[: x.shape[0]] = window[..., 1:]
+        return y.to(x.dtype)
+    valid = slot_idx >= 0
+    conv_state[slot_idx[valid]] = window[valid, :, 1:]
     return (y * valid[:, None]).to(x.dtype)

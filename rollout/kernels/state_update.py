@@ -81,13 +81,14 @@ def _state_update_fwd(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A:
 
 def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
                            B: torch.Tensor, C: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, *,
-                           slot_idx: torch.Tensor,
+                           slot_idx: torch.Tensor | None,
                            dt_limit: tuple[float, float] = (0.0, float("inf"))) -> torch.Tensor:
     """One recurrent step, Triton.
 
     state: [nslots, nheads, headdim, dstate] (fp32 by default), updated in place;
     x: [batch, nheads, headdim]; dt: [batch, nheads] (before bias and softplus); A, D, dt_bias: [nheads];
-    B, C: [batch, ngroups, dstate]; slot_idx: [batch] int, the state slot of each row (< 0: padding).
+    B, C: [batch, ngroups, dstate]; slot_idx: [batch] int, the state slot of each row (< 0: padding),
+    or None: row i is slot i (the first ``batch`` slots, read and written in place without a gather).
     Returns y: [batch, nheads, headdim] in x's dtype (zeros on padding rows).
     """
     if state.stride(-1) != 1:
@@ -95,6 +96,8 @@ def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tenso
     if x.shape[1] % B.shape[1]:
         raise ValueError(f"nheads ({x.shape[1]}) must be a multiple of ngroups ({B.shape[1]})")
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if slot_idx is None:
+        slot_idx = torch.arange(x.shape[0], device=x.device, dtype=torch.int32)
     _state_update_fwd(state, _inner_contiguous(x), dt, A.contiguous(), _inner_contiguous(B), _inner_contiguous(C),
                       D.contiguous(), dt_bias.contiguous(), slot_idx.contiguous(), dt_limit, y)
     return y
@@ -102,22 +105,28 @@ def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tenso
 
 def selective_state_update_ref(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
                                B: torch.Tensor, C: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, *,
-                               slot_idx: torch.Tensor,
+                               slot_idx: torch.Tensor | None,
                                dt_limit: tuple[float, float] = (0.0, float("inf"))) -> torch.Tensor:
     """One recurrent step, PyTorch reference.
 
     state: [nslots, nheads, headdim, dstate] (fp32 by default), updated in place;
     x: [batch, nheads, headdim]; dt: [batch, nheads] (before bias and softplus); A, D, dt_bias: [nheads];
-    B, C: [batch, ngroups, dstate]; slot_idx: [batch] int, the state slot of each row (< 0: padding).
+    B, C: [batch, ngroups, dstate]; slot_idx: [batch] int, the state slot of each row (< 0: padding),
+    or None: row i is slot i (the first ``batch`` slots, read and written in place without a gather).
     Returns y: [batch, nheads, headdim] in x's dtype (zeros on padding rows).
     """
     batch, nheads, headdim = x.shape
     groups = B.shape[1]
-    valid = slot_idx >= 0
     dt = _discretize_dt(dt, dt_bias, dt_limit).view(batch, groups, -1, 1, 1)       # heads split by group
     xg = x.float().view(batch, groups, -1, headdim, 1)
-    h = state[slot_idx.clamp(min=0)].float().view(batch, groups, -1, headdim, B.shape[-1])
+    h = state[:batch] if slot_idx is None else state[slot_idx.clamp(min=0)]
+    h = h.float().view(batch, groups, -1, headdim, B.shape[-1])
     h = h * torch.exp(dt * A.float().view(1, groups, -1, 1, 1)) + (dt * xg) * B.float()[:, :, None, None]
-    y = (h @ C.float()[:, :, None, :, None])[..., 0] + D.float().view(1, groups, -1, 1) * xg[..., 0]
-    state[slot_idx[valid]] = h.view(batch, nheads, headdim, -1)[valid].to(state.dtype)   # no branch: compiles whole
-    return (y.view(batch, nheads, headdim) * valid[:, None, None]).to(x.dtype)
+    y = ((h @ C.float()[:, :, None, :, None])[..., 0] + D.float().view(1, groups, -1, 1) * xg[..., 0]).view(x.shape)
+    h = h.view(batch, nheads, headdim, -1).to(state.dtype)
+    if slot_idx is None:
+        state[:batch] = h
+        return y.to(x.dtype)
+    valid = slot_idx >= 0
+    state[slot_idx[valid]] = h[valid]                      # boolean indexing, no branch: compiles whole
+    return (y * valid[:, None, None]).to(x.dtype)
