@@ -7,6 +7,7 @@ Ours generates through ``rollout_func`` with the engine; TRL's generates with ``
     python -m bench.bench_grpo                          # 16 prompts x 8 generations x 256 new tokens
     python -m bench.bench_grpo --checkpoint runs/tiny/rpo/final      # a trained model: replies stop
     python -m bench.bench_grpo --prompts 4 --new-tokens 32 --steps 2      # a quick look
+    python -m bench.bench_grpo --checkpoint runs/tiny/rpo/final --length-groups 1  # one padded forward, as TRL
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4, help="the first is a warm-up, not counted")
+    parser.add_argument("--length-groups", type=int, default=GRPOSpec.length_groups,
+                        help="groups of rows of similar length in our trainer's forward pass (1: as TRL)")
     args = parser.parse_args()
 
     if args.checkpoint:
@@ -95,7 +98,7 @@ def main() -> None:
     dataset = Dataset.from_list([{"prompt": prompt_messages(r, i % 2 == 0)} for i, r in enumerate(rows)])
     batch = args.prompts * args.group
     spec = GRPOSpec(num_generations=args.group, max_new_tokens=args.new_tokens, dynamic_sampling=False,
-                    engine_max_batch=batch)
+                    engine_max_batch=batch, length_groups=args.length_groups)
     print(header(f"GRPO step: rollout engine vs TRL generate(); {args.checkpoint or 'layout ' + args.layout}, {args.prompts} prompts x "
                  f"{args.group} generations x {args.new_tokens} new tokens, {args.steps} steps each"))
     timings = {}
@@ -119,8 +122,8 @@ def main() -> None:
     trl_step, our_step = mean(trl.steps[skip:]), mean(ours.steps[skip:])
     trl_training, our_training = trl_step - mean(trl.rollouts[skip:]), our_step - mean(ours.rollouts[skip:])
     print(f"mean step{' after the first' if skip else ''}: TRL generate() {trl_step:.2f} s (training "
-          f"{trl_training:.2f} s), rollout engine {our_step:.2f} s (training {our_training:.2f} s, in "
-          f"{spec.length_groups} groups of rows of similar length)")
+          f"{trl_training:.2f} s), rollout engine {our_step:.2f} s (training {our_training:.2f} s, length groups "
+          f"{spec.length_groups})")
     print(f"GRPO step speed-up with the rollout engine: {trl_step / our_step:.1f}x "
           f"(with generation and scoring free, the training alone would bound it at {trl_step / our_training:.1f}x)")
 
