@@ -182,11 +182,16 @@ SM90: dict[str, Callable[[], None]] = {
                                dict(BLOCK_M=64, BLOCK_P=64, BLOCK_K=16, BLOCK_DSTATE=128, DOT_PRECISION="tf32"),
                                _DOT_LAUNCH),
     "sm90/state_update": partial(compile_sm90, _state_update_kernel, (*ACTIVATIONS, "dt_ptr"),
-                                 dict(BLOCK_P=4, BLOCK_N=128)),
+                                 dict(HAS_SLOTS=True, BLOCK_P=4, BLOCK_N=128)),
+    "sm90/state_update-rows-are-slots": partial(compile_sm90, _state_update_kernel, (*ACTIVATIONS, "dt_ptr"),
+                                                dict(HAS_SLOTS=False, BLOCK_P=4, BLOCK_N=128)),
     "sm90/conv1d": partial(compile_sm90, _conv1d_kernel, (*ACTIVATIONS, "states_ptr"),
                            dict(WIDTH=4, HAS_BIAS=True, SILU=True, BLOCK_T=64, BLOCK_D=64, BLOCK_W=4)),
     "sm90/conv1d_update": partial(compile_sm90, _conv1d_update_kernel, ACTIVATIONS,
-                                  dict(WIDTH=4, HAS_BIAS=True, SILU=True, BLOCK_D=64, BLOCK_W=4)),
+                                  dict(WIDTH=4, HAS_BIAS=True, HAS_SLOTS=True, SILU=True, BLOCK_D=64, BLOCK_W=4)),
+    "sm90/conv1d_update-rows-are-slots": partial(compile_sm90, _conv1d_update_kernel, ACTIVATIONS,
+                                                 dict(WIDTH=4, HAS_BIAS=True, HAS_SLOTS=False, SILU=True, BLOCK_D=64,
+                                                      BLOCK_W=4)),
 }
 
 

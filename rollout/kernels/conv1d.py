@@ -77,8 +77,8 @@ def _conv1d_update_kernel(
     # Strides
     stride_x_b, stride_s_slot, stride_s_d, stride_s_w, stride_w_d, stride_o_b,
     # Meta-parameters
-    WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_W: tl.constexpr,
+    WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SLOTS: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """One token through the conv for a block of channels of one row, shifting its slot's state."""
     pid_b = tl.program_id(0).to(tl.int64)
@@ -86,7 +86,7 @@ def _conv1d_update_kernel(
     offs_w = tl.arange(0, BLOCK_W)
     mask_d = offs_d < dim
     out_ptrs = out_ptr + pid_b * stride_o_b + offs_d
-    slot = tl.load(slot_ptr + pid_b).to(tl.int64)
+    slot = tl.load(slot_ptr + pid_b).to(tl.int64) if HAS_SLOTS else pid_b   # no slot index: row i is slot i
     if slot < 0:    # a padding row: zeros out, no state read or written
         tl.store(out_ptrs, tl.zeros((BLOCK_D,), dtype=out_ptr.dtype.element_ty), mask=mask_d)
         return
@@ -131,7 +131,7 @@ def _conv1d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def _conv1d_update_fwd(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                       slot_idx: torch.Tensor, silu: bool, out: torch.Tensor) -> None:
+                       slot_idx: torch.Tensor | None, silu: bool, out: torch.Tensor) -> None:
     """Launches the one-token conv: one program per (row, channel block)."""
     batch, dim = x.shape
     width = weight.shape[1]
@@ -140,7 +140,8 @@ def _conv1d_update_fwd(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.
         dim,
         x.stride(0), conv_state.stride(0), conv_state.stride(1), conv_state.stride(2), weight.stride(0),
         out.stride(0),
-        WIDTH=width, HAS_BIAS=bias is not None, SILU=silu, BLOCK_D=_BLOCK_D, BLOCK_W=triton.next_power_of_2(width))
+        WIDTH=width, HAS_BIAS=bias is not None, HAS_SLOTS=slot_idx is not None, SILU=silu, BLOCK_D=_BLOCK_D,
+        BLOCK_W=triton.next_power_of_2(width))
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *,
@@ -173,10 +174,8 @@ def causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torc
     Returns out: [batch, dim] in x's dtype.
     """
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if slot_idx is None:
-        slot_idx = torch.arange(x.shape[0], device=x.device, dtype=torch.int32)
-    _conv1d_update_fwd(_inner_contiguous(x), conv_state, _inner_contiguous(weight), bias, slot_idx.contiguous(), silu,
-                       out)
+    _conv1d_update_fwd(_inner_contiguous(x), conv_state, _inner_contiguous(weight), bias,
+                       None if slot_idx is None else slot_idx.contiguous(), silu, out)
     return out
 
 

@@ -1,8 +1,9 @@
 """The decode step of a Mamba-2 layer: one token per sequence, state updated in place through a slot.
 
 The engine keeps every sequence's SSM state in a preallocated ``[nslots, nheads, headdim, dstate]``
-buffer; a decode batch names each row's slot, so sequences can finish and be replaced without moving
-any state. A negative slot marks a padding row: it produces zeros and touches no state.
+buffer. A decode batch either names each row's slot (a negative slot marks a padding row: it produces
+zeros and touches no state) or names none: then row i is slot i, which is how the engine runs, its
+running sequences always in the first slots.
 
 The step reads and writes the whole state once and does ~5 FLOPs per element, so it is bound by memory
 bandwidth: one program per (headdim block, row, head) as in mamba_ssm, the state updated in fp32 registers
@@ -29,7 +30,7 @@ def _state_update_kernel(
     stride_s_slot, stride_s_h, stride_s_p, stride_x_b, stride_x_h, stride_dt_b, stride_dt_h,
     stride_B_b, stride_B_g, stride_C_b, stride_C_g, stride_y_b, stride_y_h,
     # Meta-parameters
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SLOTS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One step for a block of headdim rows of one head of one batch row."""
     offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -39,7 +40,7 @@ def _state_update_kernel(
     mask_p = offs_p < headdim
     mask_n = offs_n < dstate
     y_ptrs = y_ptr + pid_b * stride_y_b + pid_h * stride_y_h + offs_p
-    slot = tl.load(slot_ptr + pid_b).to(tl.int64)
+    slot = tl.load(slot_ptr + pid_b).to(tl.int64) if HAS_SLOTS else pid_b   # no slot index: row i is slot i
     if slot < 0:    # a padding row: zeros out, no state read or written
         tl.store(y_ptrs, tl.zeros((BLOCK_P,), dtype=y_ptr.dtype.element_ty), mask=mask_p)
         return
@@ -63,7 +64,7 @@ def _state_update_kernel(
 
 
 def _state_update_fwd(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                      C: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, slot_idx: torch.Tensor,
+                      C: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, slot_idx: torch.Tensor | None,
                       dt_limit: tuple[float, float], y: torch.Tensor) -> None:
     """Launches the step; mamba_ssm's hand-tuned (headdim block, warps) per dstate keep the state block of a
     program in registers."""
@@ -76,7 +77,7 @@ def _state_update_fwd(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A:
         headdim, dstate, nheads // ngroups, float(dt_limit[0]), float(dt_limit[1]),
         state.stride(0), state.stride(1), state.stride(2), x.stride(0), x.stride(1), dt.stride(0), dt.stride(1),
         B.stride(0), B.stride(1), C.stride(0), C.stride(1), y.stride(0), y.stride(1),
-        BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(dstate), num_warps=num_warps)
+        HAS_SLOTS=slot_idx is not None, BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(dstate), num_warps=num_warps)
 
 
 def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
@@ -96,10 +97,9 @@ def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tenso
     if x.shape[1] % B.shape[1]:
         raise ValueError(f"nheads ({x.shape[1]}) must be a multiple of ngroups ({B.shape[1]})")
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if slot_idx is None:
-        slot_idx = torch.arange(x.shape[0], device=x.device, dtype=torch.int32)
     _state_update_fwd(state, _inner_contiguous(x), dt, A.contiguous(), _inner_contiguous(B), _inner_contiguous(C),
-                      D.contiguous(), dt_bias.contiguous(), slot_idx.contiguous(), dt_limit, y)
+                      D.contiguous(), dt_bias.contiguous(), None if slot_idx is None else slot_idx.contiguous(), dt_limit,
+                      y)
     return y
 
 
