@@ -300,9 +300,10 @@ class RolloutEngine:
 
     def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """The model on one token per sequence, reading and writing the first rows of the cache in place."""
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
         hidden = self._layers(self.model.model.embeddings(tokens),
                               lambda i, mixer, x: self._mamba_step(i, mixer, x),
-                              lambda i, attn, x: self._attention_step(i, attn, x, positions, visible))
+                              lambda i, attn, x: self._attention_step(i, attn, x, rows, positions, visible))
         return self._logits(hidden)
 
     def _layers(self, hidden: torch.Tensor, mamba: Any, attention: Any) -> torch.Tensor:
@@ -374,14 +375,13 @@ class RolloutEngine:
                 enable_gqa=True)
         return attn.o_proj(out.transpose(0, 1).flatten(1))[None]
 
-    def _attention_step(self, i: int, attn: Any, x: torch.Tensor, positions: torch.Tensor,
+    def _attention_step(self, i: int, attn: Any, x: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
                         visible: torch.Tensor) -> torch.Tensor:
-        """One token per sequence, row i in cache slot i; ``visible`` [batch, span] marks each row's cached
-        positions."""
+        """One token per sequence, row i in cache slot i (``rows``: 0..batch-1); ``visible`` [batch, span]
+        marks each row's cached positions."""
         q, k, v = (self._heads(attn, x[:, None], p) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
         batch, span = visible.shape
         keys, values = self.cache.keys[i][:batch], self.cache.values[i][:batch]
-        rows = torch.arange(batch, device=x.device)
         keys[rows, :, positions] = k[:, :, 0]
         values[rows, :, positions] = v[:, :, 0]
         out = F.scaled_dot_product_attention(
