@@ -381,10 +381,10 @@ class RolloutEngine:
         marks each row's cached positions."""
         q, k, v = (self._heads(attn, x[:, None], p) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
         batch, span = visible.shape
-        keys, values = self.cache.keys[i][:batch], self.cache.values[i][:batch]
+        keys, values = self.cache.keys[i], self.cache.values[i]
         keys[rows, :, positions] = k[:, :, 0]
         values[rows, :, positions] = v[:, :, 0]
         out = F.scaled_dot_product_attention(
-            q, keys[:, :, :span], values[:, :, :span],
+            q, keys[:batch, :, :span], values[:batch, :, :span],
             attn_mask=visible[:, None, None], scale=attn.scaling, enable_gqa=True)
         return attn.o_proj(out.flatten(1))
