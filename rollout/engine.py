@@ -384,7 +384,9 @@ class RolloutEngine:
         keys, values = self.cache.keys[i], self.cache.values[i]
         keys[rows, :, positions] = k[:, :, 0]
         values[rows, :, positions] = v[:, :, 0]
-        out = F.scaled_dot_product_attention(
-            q, keys[:batch, :, :span], values[:batch, :, :span],
-            attn_mask=visible[:, None, None], scale=attn.scaling, enable_gqa=True)
+        kv_heads = keys.shape[1]
+        qg = q.reshape(batch, kv_heads, -1, q.shape[-1])
+        scores = (qg @ keys[:batch, :, :span].transpose(-1, -2)) * attn.scaling
+        probs = scores.masked_fill(~visible[:, None, None], float("-inf")).softmax(-1)
+        out = probs @ values[:batch, :, :span]
         return attn.o_proj(out.flatten(1))
