@@ -382,8 +382,12 @@ class RolloutEngine:
         q, k, v = (self._heads(attn, x[:, None], p) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
         batch, span = visible.shape
         keys, values = self.cache.keys[i], self.cache.values[i]
+        # Written through the cache tensor, not a view of its first rows: a compiled step would copy the
+        # whole cache back after writing into such a view.
         keys[rows, :, positions] = k[:, :, 0]
         values[rows, :, positions] = v[:, :, 0]
+        # One query per sequence: two batched products over each KV head's group of query heads, which
+        # compile into fewer, cheaper calls than the SDPA kernel.
         kv_heads = keys.shape[1]
         qg = q.reshape(batch, kv_heads, -1, q.shape[-1])
         scores = (qg @ keys[:batch, :, :span].transpose(-1, -2)) * attn.scaling
