@@ -244,10 +244,14 @@ class RolloutEngine:
 
     def _compact(self, running: list[_Sequence]) -> list[_Sequence]:
         """Move the sequences in slots past ``len(running)`` into the slots finished ones left free, so the
-        running sequences hold slots 0..n-1; returns them in slot order."""
+        running sequences hold slots 0..n-1; returns them in slot order (``running`` comes in slot order,
+        so it is returned as is when nothing finished)."""
         n = len(running)
+        movers = [s for s in running if s.slot >= n]
+        if not movers:
+            return running
         free = sorted(set(range(n)) - {s.slot for s in running})
-        for seq, slot in zip([s for s in running if s.slot >= n], free):
+        for seq, slot in zip(movers, free):
             self.cache.move(seq.slot, slot)
             seq.slot = slot
         return sorted(running, key=lambda s: s.slot)
