@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from rollout import kernels
-from rollout.sampling import SamplingParams, choose_tokens, sampling_logprobs
+from rollout.sampling import SamplingParams, choose_tokens, sampling_logprobs, sequence_draws
 
 MAMBA, ATTENTION = "linear_attention", "full_attention"
 
@@ -46,7 +46,7 @@ class Completion:
 @dataclass
 class _Sequence:
     prompt_ids: list[int]
-    generator: torch.Generator
+    draws: list[float]          # one uniform draw per token it may write; empty when greedy
     thinking: bool
     slot: int = -1
     tokens: list[int] = field(default_factory=list)
@@ -176,7 +176,8 @@ class RolloutEngine:
             if self.compiled:
                 self._mark_static(self.cache.buffers())
         stops = set(params.stop_token_ids if params.stop_token_ids is not None else [self.tokenizer.eos_token_id])
-        seqs = [_Sequence(p, torch.Generator(self.device).manual_seed(params.seed * 1_000_003 + i),
+        sampled = params.temperature > 0
+        seqs = [_Sequence(p, sequence_draws(params.seed * 1_000_003 + i, params.max_new_tokens) if sampled else [],
                           thinking=self._opens_thinking(p)) for i, p in enumerate(ids)]
         waiting, running = deque(seqs), []
         bar = tqdm(total=len(seqs), desc="rollout", disable=not progress, leave=False)
@@ -201,7 +202,9 @@ class RolloutEngine:
     def _choose(self, seqs: list[_Sequence], logits: torch.Tensor, params: SamplingParams) -> None:
         """Pick each sequence's next token (or the forced one) and record its log-probability."""
         logprobs = sampling_logprobs(logits, params)
-        tokens = choose_tokens(logprobs, params, [s.generator for s in seqs])
+        draws = (torch.tensor([s.draws[len(s.tokens)] for s in seqs], dtype=torch.float64, device=logits.device)
+                 if params.temperature > 0 else None)
+        tokens = choose_tokens(logprobs, params, draws)
         forcing = [bool(s.to_force) for s in seqs]
         if any(forcing):
             model_logprobs = torch.log_softmax(logits.float(), dim=-1)

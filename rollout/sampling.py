@@ -57,14 +57,27 @@ def sampling_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
     return torch.log_softmax(logits, dim=-1)
 
 
-def choose_tokens(logprobs: torch.Tensor, params: SamplingParams,
-                  generators: list[torch.Generator]) -> torch.Tensor:
-    """One token per row: argmax when greedy, else a draw with each row's own generator.
+def sequence_draws(seed: int, count: int) -> list[float]:
+    """One sequence's uniform draws in [0, 1), one per token it may write, from its own seed.
 
-    A generator per sequence makes a sequence's samples independent of which other sequences share its
-    batch, so a seed reproduces the same completions under any batching.
+    Drawn up front from a generator per sequence, so a sequence's samples do not depend on which other
+    sequences share its batch (a seed reproduces the same completions under any batching), while each
+    decode step still draws for the whole batch in one vectorized call (``choose_tokens``).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(count, generator=generator, dtype=torch.float64).tolist()
+
+
+def choose_tokens(logprobs: torch.Tensor, params: SamplingParams, draws: torch.Tensor | None) -> torch.Tensor:
+    """One token per row: argmax when greedy, else the inverse of the row's CDF at its draw [batch] in [0, 1).
+
+    A row's token is the first whose cumulative probability exceeds draw x total mass, so a token of zero
+    probability (filtered by top-k or top-p) is never chosen: its cumulative sum equals the one before it.
     """
     if params.temperature == 0:
         return logprobs.argmax(-1)
-    probs = logprobs.exp()
-    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
+    probs = logprobs.double().exp()
+    cdf = probs.cumsum(-1)
+    tokens = torch.searchsorted(cdf, draws[:, None].to(cdf) * cdf[:, -1:], right=True)[:, 0]
+    last_possible = (probs > 0).cumsum(-1).argmax(-1)   # a draw rounding up to the total mass lands here
+    return torch.minimum(tokens, last_possible)

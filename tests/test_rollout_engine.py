@@ -8,7 +8,7 @@ import torch
 from model.configs import reduced
 from model.factory import build_model
 from rollout.engine import RolloutEngine, StateCache
-from rollout.sampling import SamplingParams, sampling_logprobs
+from rollout.sampling import SamplingParams, choose_tokens, sampling_logprobs, sequence_draws
 
 TEXTS = ["What is 12 plus 30?", "Name a prime", "<|im_start|>system\n/think<|im_end|>\n<|im_start|>user\n"
          "Why is the sky blue? Explain.<|im_end|>\n<|im_start|>assistant\n<think>", "a"]
@@ -71,6 +71,20 @@ def test_seeded_sampling_does_not_depend_on_batching(tiny_model, tokenizer, prom
     other_seed = RolloutEngine(tiny_model, tokenizer, max_batch=4, max_length=128).generate(
         prompts, SamplingParams(**{**params.__dict__, "seed": 8}))
     assert [o.token_ids for o in other_seed] != [o.token_ids for o in wide]
+
+
+def test_draws_pick_tokens_in_proportion_to_their_probability():
+    """Evenly spaced draws through [0, 1) hit each token as often as its probability says, to within one
+    draw; a token that top-k removed is never picked, not even by the largest draw below 1."""
+    logits = torch.tensor([[2.0, 0.5, 1.0, 0.0, -1.0]]).repeat(1000, 1)
+    params = SamplingParams(top_k=4)
+    logprobs = sampling_logprobs(logits, params)
+    draws = (torch.arange(1000, dtype=torch.float64) + 0.5) / 1000
+    counts = torch.bincount(choose_tokens(logprobs, params, draws), minlength=5)
+    assert (counts - 1000 * logprobs[0].exp()).abs().max() <= 1 and counts[4] == 0
+    edge = torch.full((1000,), torch.nextafter(torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0)).item())
+    assert set(choose_tokens(logprobs, params, edge).tolist()) == {3}
+    assert sequence_draws(3, 5) == sequence_draws(3, 8)[:5] != sequence_draws(4, 5)
 
 
 def test_stop_token_stop_string_and_length(tiny_model, tokenizer, prompts):
