@@ -73,19 +73,29 @@ def main() -> None:
     stop = bool(args.checkpoint)
     batches = [int(b) for b in args.batches.split(",")]
     prompts = chat_prompts(tokenizer, max(batches))
-    engine = RolloutEngine(model, tokenizer, max_batch=max(batches),
-                           max_length=max(map(len, prompts)) + args.new_tokens, compile=args.compile)
+    sizes = dict(max_batch=max(batches), max_length=max(map(len, prompts)) + args.new_tokens)
+    engine = RolloutEngine(model, tokenizer, **sizes, compile=args.compile)
+    # On a GPU the engine replays CUDA graphs; the same engine without them runs beside it.
+    ungraphed = RolloutEngine(model, tokenizer, **sizes, cuda_graphs=False) if engine.graphs else None
     print(header(f"rollout engine vs transformers generate(): {args.checkpoint or 'layout ' + args.layout}, "
                  f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {'up to ' if stop else ''}{args.new_tokens} new tokens"))
     # Warm-up; a compiled step compiles here, once for a batch of one and once for any larger batch.
     _, warm = timed(lambda: [engine_generate(engine, prompts[:n], 4, stop) for n in (2, 1)])
-    print(f"engine warm-up{' (compiling the decode step)' if args.compile else ''}: {warm:.1f} s")
-    print(f"{'batch':>5} {'generate() tok/s':>17} {'engine tok/s':>13} {'ratio':>6}")
+    what = " (compiling the decode step)" if args.compile else " (recording CUDA graphs)" if engine.graphs else ""
+    print(f"engine warm-up{what}: {warm:.1f} s")
+    if ungraphed:
+        engine_generate(ungraphed, prompts[:2], 4, stop)
+    print(f"{'batch':>5} {'generate() tok/s':>17} {'engine tok/s':>13} {'ratio':>6}"
+          + (f" {'no graphs tok/s':>16} {'graphs gain':>12}" if ungraphed else ""))
     for batch in batches:
         with torch.no_grad():
             n_hf, t_hf = timed(lambda: hf_generate(model, tokenizer, prompts[:batch], args.new_tokens, stop))
         n_en, t_en = timed(lambda: engine_generate(engine, prompts[:batch], args.new_tokens, stop))
-        print(f"{batch:>5} {n_hf / t_hf:>17.0f} {n_en / t_en:>13.0f} {(n_en / t_en) / (n_hf / t_hf):>5.1f}x")
+        line = f"{batch:>5} {n_hf / t_hf:>17.0f} {n_en / t_en:>13.0f} {(n_en / t_en) / (n_hf / t_hf):>5.1f}x"
+        if ungraphed:
+            n_un, t_un = timed(lambda: engine_generate(ungraphed, prompts[:batch], args.new_tokens, stop))
+            line += f" {n_un / t_un:>16.0f} {(n_en / t_en) / (n_un / t_un):>11.1f}x"
+        print(line)
     for line in memory_lines(model):
         print(line)
 

@@ -9,7 +9,8 @@ The n running sequences always hold slots 0..n-1 (when one finishes, the last mo
 a decode step reads and writes every buffer through a view of its first n rows, never a gathered copy.
 
 The engine holds its own copy of the weights, refreshed in memory from the trainer by ``load_weights``.
-The Mamba math comes from ``rollout.kernels``: Triton on GPU, the PyTorch reference on CPU.
+The Mamba math comes from ``rollout.kernels``: Triton on GPU, the PyTorch reference on CPU. On a GPU
+the decode step's stretches of Mamba and MLP layers replay as CUDA graphs (``rollout.graphs``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from rollout import kernels
+from rollout.graphs import PiecewiseDecode
 from rollout.sampling import SamplingParams, choose_tokens, sampling_logprobs, sequence_draws
 
 MAMBA, ATTENTION = "linear_attention", "full_attention"
@@ -111,10 +113,15 @@ class RolloutEngine:
     """Generates for batches of prompts with continuous batching over ``max_batch`` state slots."""
 
     def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = 64, max_length: int = 4096,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None, compile: bool = False):
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None, compile: bool = False,
+                 cuda_graphs: bool | None = None):
         """``compile``: run the decode step through ``torch.compile`` (dynamic shapes, so a shrinking batch
         and a growing context reuse one graph). Each decode step is a few hundred small ops; compiled,
-        the elementwise ones fuse into a few loops. The first step pays the compile time."""
+        the elementwise ones fuse into a few loops. The first step pays the compile time.
+
+        ``cuda_graphs``: replay the decode step's Mamba and MLP stretches as CUDA graphs
+        (``rollout.graphs``), recorded when the cache is allocated; by default on for a CUDA device
+        unless ``compile``."""
         model = unwrap(model)
         self.model = copy.deepcopy(model).to(device=device or next(model.parameters()).device, dtype=dtype)
         self.model.eval().requires_grad_(False)
@@ -126,7 +133,12 @@ class RolloutEngine:
         self.compiled = compile
         if compile:
             self._mark_static(self.decay.values())
-        self._step = torch.compile(self._decode_step, dynamic=True) if compile else self._decode_step
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda" and not compile
+        self.graphs = (PiecewiseDecode(self, [b.block_type == ATTENTION for b in self.model.model.layers])
+                       if cuda_graphs else None)
+        self._step = (torch.compile(self._decode_step, dynamic=True) if compile
+                      else self.graphs if cuda_graphs else self._decode_step)
 
     def _decay(self) -> dict[int, torch.Tensor]:
         """A = -exp(A_log) of each Mamba layer, computed once per weight version instead of per step."""
@@ -175,6 +187,8 @@ class RolloutEngine:
             self.cache = StateCache(self.model, self.max_batch, self.max_length)
             if self.compiled:
                 self._mark_static(self.cache.buffers())
+            if self.graphs is not None:     # before any sequence holds a slot
+                self.graphs.record()
         stops = set(params.stop_token_ids if params.stop_token_ids is not None else [self.tokenizer.eos_token_id])
         sampled = params.temperature > 0
         seqs = [_Sequence(p, sequence_draws(params.seed * 1_000_003 + i, params.max_new_tokens) if sampled else [],
@@ -313,9 +327,12 @@ class RolloutEngine:
                               lambda i, attn, x: self._attention_step(i, attn, x, rows, positions, visible))
         return self._logits(hidden)
 
-    def _layers(self, hidden: torch.Tensor, mamba: Any, attention: Any) -> torch.Tensor:
-        """The residual stack; Mamba and attention mixers run through the given stateful functions."""
-        for i, block in enumerate(self.model.model.layers):
+    def _layers(self, hidden: torch.Tensor, mamba: Any, attention: Any,
+                layers: Iterable[int] | None = None) -> torch.Tensor:
+        """The residual stack (or the given layers of it); Mamba and attention mixers run through the given
+        stateful functions."""
+        for i in range(len(self.model.model.layers)) if layers is None else layers:
+            block = self.model.model.layers[i]
             x = block.norm(hidden.to(block.norm.weight.dtype))
             if block.block_type == MAMBA:
                 x = mamba(i, block.mixer, x)
