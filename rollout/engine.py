@@ -114,14 +114,13 @@ class RolloutEngine:
 
     def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = 64, max_length: int = 4096,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None, compile: bool = False,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool = True):
         """``compile``: run the decode step through ``torch.compile`` (dynamic shapes, so a shrinking batch
         and a growing context reuse one graph). Each decode step is a few hundred small ops; compiled,
         the elementwise ones fuse into a few loops. The first step pays the compile time.
 
-        ``cuda_graphs``: replay the decode step's Mamba and MLP stretches as CUDA graphs
-        (``rollout.graphs``), recorded when the cache is allocated; by default on for a CUDA device
-        unless ``compile``."""
+        ``cuda_graphs``: on a CUDA device and unless ``compile``, replay the decode step's Mamba and MLP
+        stretches as CUDA graphs (``rollout.graphs``), recorded when the cache is allocated."""
         model = unwrap(model)
         self.model = copy.deepcopy(model).to(device=device or next(model.parameters()).device, dtype=dtype)
         self.model.eval().requires_grad_(False)
@@ -133,8 +132,7 @@ class RolloutEngine:
         self.compiled = compile
         if compile:
             self._mark_static(self.decay.values())
-        if cuda_graphs is None:
-            cuda_graphs = self.device.type == "cuda" and not compile
+        cuda_graphs = cuda_graphs and self.device.type == "cuda" and not compile
         self.graphs = (PiecewiseDecode(self, [b.block_type == ATTENTION for b in self.model.model.layers])
                        if cuda_graphs else None)
         self._step = (torch.compile(self._decode_step, dynamic=True) if compile

@@ -71,7 +71,7 @@ def evaluate_checkpoint(config, checkpoint: str | None, stage_name: str | None) 
         raise ConfigError("eval needs --checkpoint DIR")
     spec = config.stage(stage_name).eval if stage_name else config.stages[0].eval
     model = load_model(checkpoint, dtype=DTYPES[config.model.dtype])
-    report = evaluate(model, load_tokenizer(checkpoint), spec)
+    report = evaluate(model, load_tokenizer(checkpoint), spec, config.rollout.cuda_graphs)
     (Path(checkpoint) / "eval.json").write_text(json.dumps(report, indent=2))
     print_table(report, title=f"{checkpoint}: held-out evaluation")
     return 0

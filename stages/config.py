@@ -109,6 +109,13 @@ class RPOSpec:
 
 
 @dataclass
+class RolloutSpec:
+    """How the rollout engine runs, for every stage that generates. Speed only: not part of a stage's
+    fingerprint, so changing it reruns nothing."""
+    cuda_graphs: bool = True  # on a GPU, replay the decode step as CUDA graphs (rollout/graphs.py)
+
+
+@dataclass
 class StageSpec:
     name: str
     kind: Literal["sft", "rpo", "grpo"]
@@ -128,6 +135,7 @@ class PipelineConfig:
     seed: int = 0
     accelerate_config: str | None = None
     profile: str = "tiny"
+    rollout: RolloutSpec = field(default_factory=RolloutSpec)
 
     def stage(self, name: str) -> StageSpec:
         for stage in self.stages:

@@ -101,11 +101,11 @@ def step_accuracies(rows: list[dict], correct: list[bool]) -> dict[str, float]:
     return {key: sum(group) / len(group) for key, group in groups.items() if group}
 
 
-def evaluate(model: Any, tokenizer: Any, spec: EvalSpec) -> dict[str, Any]:
+def evaluate(model: Any, tokenizer: Any, spec: EvalSpec, cuda_graphs: bool = True) -> dict[str, Any]:
     """Answer every held-out source in every mode; returns per-(source, mode) metrics and a flat summary."""
     results: dict[str, dict[str, dict[str, float]]] = {}
     engine = RolloutEngine(model, tokenizer, max_batch=spec.batch_size,
-                           max_length=spec.max_length + spec.max_new_tokens)
+                           max_length=spec.max_length + spec.max_new_tokens, cuda_graphs=cuda_graphs)
     for source in spec.sources:
         rows = generators.generate(source, "test", spec.n_per_source, seed=spec.seed)
         for mode in spec.modes:

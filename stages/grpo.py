@@ -48,8 +48,8 @@ def prompt_dataset(ctx: StageContext) -> Dataset:
 class EngineRollout:
     """TRL ``rollout_func`` backed by the rollout engine, and TRL's weight-sync hook for it."""
 
-    def __init__(self, spec: GRPOSpec, tokenizer: Any, seed: int, max_prompt_length: int):
-        self.spec, self.tokenizer, self.seed = spec, tokenizer, seed
+    def __init__(self, spec: GRPOSpec, tokenizer: Any, seed: int, max_prompt_length: int, cuda_graphs: bool = True):
+        self.spec, self.tokenizer, self.seed, self.cuda_graphs = spec, tokenizer, seed, cuda_graphs
         self.max_length = max_prompt_length + spec.max_new_tokens
         self.engine: RolloutEngine | None = None
         self.trainer: GRPOTrainer | None = None
@@ -67,7 +67,7 @@ class EngineRollout:
         if self.engine is None:
             model = trainer.accelerator.unwrap_model(trainer.model)
             self.engine = RolloutEngine(model, self.tokenizer, max_batch=self.spec.engine_max_batch,
-                                        max_length=self.max_length)
+                                        max_length=self.max_length, cuda_graphs=self.cuda_graphs)
         return self.engine
 
     def _seed(self, trainer: GRPOTrainer) -> int:
@@ -302,6 +302,7 @@ def reward_functions(ctx: StageContext, tokenizer: Any) -> list[SourceReward]:
 def build_trainer(ctx: StageContext, model: torch.nn.Module, tokenizer: Any) -> GRPOStageTrainer:
     with PartialState().main_process_first():
         dataset = prompt_dataset(ctx)
-    rollout = EngineRollout(ctx.stage.grpo, tokenizer, ctx.config.seed, ctx.stage.trainer.max_length)
+    rollout = EngineRollout(ctx.stage.grpo, tokenizer, ctx.config.seed, ctx.stage.trainer.max_length,
+                            ctx.config.rollout.cuda_graphs)
     return GRPOStageTrainer(model=model, args=training_args(ctx), train_dataset=dataset, processing_class=tokenizer,
                             reward_funcs=reward_functions(ctx, tokenizer), rollout=rollout, spec=ctx.stage.grpo)

@@ -61,7 +61,8 @@ def on_policy_pairs(ctx: StageContext, start: Path, round_index: int) -> list[tu
     tokenizer = load_tokenizer(start)
     engine = RolloutEngine(load_model(start, dtype=DTYPES[ctx.config.model.dtype]), tokenizer,
                            max_batch=spec.engine_max_batch,
-                           max_length=ctx.stage.trainer.max_length + spec.max_new_tokens)
+                           max_length=ctx.stage.trainer.max_length + spec.max_new_tokens,
+                           cuda_graphs=ctx.config.rollout.cuda_graphs)
     prompts = [prompt_messages(e.row, e.think) for e in examples]
     repeated = [p for p in prompts for _ in range(spec.samples_per_prompt)]
     outs = engine.generate([render(tokenizer, p) for p in repeated],

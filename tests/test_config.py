@@ -48,6 +48,7 @@ def test_full_size_profile_overrides_the_base():
     (lambda d: d["stages"][0]["trainer"].update(max_steps="many"), "stages[0].trainer.max_steps: expected int"),
     (lambda d: d["stages"][1].update(kind="ppo"), "stages[1].kind: 'ppo' is not one of"),
     (lambda d: d.update(sed=1), ".sed: unknown key"),
+    (lambda d: d["rollout"].update(cuda_graph=False), ".rollout.cuda_graph: unknown key"),
     (lambda d: d["model"].pop("name"), ".model.name: required key is missing"),
     (lambda d: d["profiles"]["tiny"].update(stages={"sft_chatt": {}}), "profiles.tiny.stages.sft_chatt: unknown stage"),
     (lambda d: d["stages"][0].update(blend="missing.yaml"), "missing.yaml: blend file not found"),
@@ -94,3 +95,6 @@ def test_stage_hash_changes_with_its_config():
     b.stage("sft_chat").trainer.learning_rate *= 2
     assert a.stage_hash("sft_reasoning") == b.stage_hash("sft_reasoning")
     assert a.stage_hash("sft_chat") != b.stage_hash("sft_chat")
+    c = load_config(ROOT / "pipeline.yaml")
+    c.rollout.cuda_graphs = not a.rollout.cuda_graphs      # how the engine runs reruns nothing
+    assert [a.stage_hash(s.name) for s in a.stages] == [c.stage_hash(s.name) for s in c.stages]

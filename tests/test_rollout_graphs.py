@@ -37,6 +37,7 @@ def generate_both(model, tokenizer, device: str, capture: bool) -> tuple[list, l
     params = SamplingParams(max_new_tokens=24, temperature=0,
                             stop_token_ids=(free[0].token_ids[3], free[2].token_ids[9], free[4].token_ids[15]))
     piecewise = RolloutEngine(model, tokenizer, max_batch=5, max_length=128, device=device, cuda_graphs=capture)
+    assert plain.graphs is None and (piecewise.graphs is not None) == capture
     if not capture:   # the CPU twin: the same padded stretches, run eagerly
         attention = [block.block_type == ATTENTION for block in piecewise.model.model.layers]
         piecewise._step = piecewise.graphs = PiecewiseDecode(piecewise, attention, capture=False)
