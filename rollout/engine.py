@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from rollout import kernels
 from rollout.graphs import PiecewiseDecode
-from rollout.sampling import SamplingParams, choose_tokens, sampling_logprobs, sequence_draws
+from rollout.sampling import Draws, SamplingParams, choose_tokens, sampling_logprobs
 
 MAMBA, ATTENTION = "linear_attention", "full_attention"
 
@@ -48,7 +48,7 @@ class Completion:
 @dataclass
 class _Sequence:
     prompt_ids: list[int]
-    draws: list[float]          # one uniform draw per token it may write; empty when greedy
+    draws: Draws | None         # its sampling draws; None when greedy
     thinking: bool
     slot: int = -1
     tokens: list[int] = field(default_factory=list)
@@ -189,8 +189,8 @@ class RolloutEngine:
                 self.graphs.record()
         stops = set(params.stop_token_ids if params.stop_token_ids is not None else [self.tokenizer.eos_token_id])
         sampled = params.temperature > 0
-        seqs = [_Sequence(p, sequence_draws(params.seed * 1_000_003 + i, params.max_new_tokens) if sampled else [],
-                          thinking=self._opens_thinking(p)) for i, p in enumerate(ids)]
+        seqs = [_Sequence(p, Draws(params.seed * 1_000_003 + i) if sampled else None, thinking=self._opens_thinking(p))
+                for i, p in enumerate(ids)]
         waiting, running = deque(seqs), []
         bar = tqdm(total=len(seqs), desc="rollout", disable=not progress, leave=False)
         while waiting or running:
@@ -214,7 +214,7 @@ class RolloutEngine:
     def _choose(self, seqs: list[_Sequence], logits: torch.Tensor, params: SamplingParams) -> None:
         """Pick each sequence's next token (or the forced one) and record its log-probability."""
         logprobs = sampling_logprobs(logits, params)
-        draws = (torch.tensor([s.draws[len(s.tokens)] for s in seqs], dtype=torch.float64, device=logits.device)
+        draws = (torch.tensor([s.draws.at(len(s.tokens)) for s in seqs], dtype=torch.float64, device=logits.device)
                  if params.temperature > 0 else None)
         tokens = choose_tokens(logprobs, params, draws)
         forcing = [bool(s.to_force) for s in seqs]

@@ -57,15 +57,27 @@ def sampling_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
     return torch.log_softmax(logits, dim=-1)
 
 
-def sequence_draws(seed: int, count: int) -> list[float]:
-    """One sequence's uniform draws in [0, 1), one per token it may write, from its own seed.
+class Draws:
+    """One sequence's uniform draws in [0, 1), one per token it writes, from its own seed.
 
-    Drawn up front from a generator per sequence, so a sequence's samples do not depend on which other
-    sequences share its batch (a seed reproduces the same completions under any batching), while each
-    decode step still draws for the whole batch in one vectorized call (``choose_tokens``).
+    A generator per sequence makes a sequence's samples independent of which other sequences share its
+    batch (a seed reproduces the same completions under any batching), while each decode step still
+    turns the whole batch's draws into tokens in one call (``choose_tokens``). Draws are made in blocks
+    as the sequence grows, so a long ``max_new_tokens`` costs nothing until it is used.
     """
-    generator = torch.Generator().manual_seed(seed)
-    return torch.rand(count, generator=generator, dtype=torch.float64).tolist()
+
+    block = 64
+
+    def __init__(self, seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+        self.start, self.values = 0, []
+
+    def at(self, index: int) -> float:
+        """The draw for token ``index`` of the sequence; indices come in increasing order."""
+        while index >= self.start + len(self.values):
+            self.start += len(self.values)
+            self.values = torch.rand(self.block, generator=self.generator, dtype=torch.float64).tolist()
+        return self.values[index - self.start]
 
 
 def choose_tokens(logprobs: torch.Tensor, params: SamplingParams, draws: torch.Tensor | None) -> torch.Tensor:

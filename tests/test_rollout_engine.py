@@ -8,7 +8,7 @@ import torch
 from model.configs import reduced
 from model.factory import build_model
 from rollout.engine import RolloutEngine, StateCache
-from rollout.sampling import SamplingParams, choose_tokens, sampling_logprobs, sequence_draws
+from rollout.sampling import Draws, SamplingParams, choose_tokens, sampling_logprobs
 
 TEXTS = ["What is 12 plus 30?", "Name a prime", "<|im_start|>system\n/think<|im_end|>\n<|im_start|>user\n"
          "Why is the sky blue? Explain.<|im_end|>\n<|im_start|>assistant\n<think>", "a"]
@@ -84,7 +84,10 @@ def test_draws_pick_tokens_in_proportion_to_their_probability():
     assert (counts - 1000 * logprobs[0].exp()).abs().max() <= 1 and counts[4] == 0
     edge = torch.full((1000,), torch.nextafter(torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0)).item())
     assert set(choose_tokens(logprobs, params, edge).tolist()) == {3}
-    assert sequence_draws(3, 5) == sequence_draws(3, 8)[:5] != sequence_draws(4, 5)
+    first, again, other = Draws(3), Draws(3), Draws(4)
+    stream = [first.at(i) for i in range(2 * Draws.block + 5)]        # across block boundaries
+    assert stream == [again.at(i) for i in range(len(stream))] and other.at(0) != stream[0]
+    assert len(set(stream)) == len(stream) and all(0 <= d < 1 for d in stream)
 
 
 def test_stop_token_stop_string_and_length(tiny_model, tokenizer, prompts):
