@@ -124,6 +124,9 @@ def main() -> None:
     print(f"mean step{' after the first' if skip else ''}: TRL generate() {trl_step:.2f} s (training "
           f"{trl_training:.2f} s), rollout engine {our_step:.2f} s (training {our_training:.2f} s, length groups "
           f"{spec.length_groups})")
+    trl_rollout, our_rollout = trl_step - trl_training, our_step - our_training
+    print(f"generation and scoring: TRL generate() {trl_rollout:.2f} s, rollout engine {our_rollout:.2f} s "
+          f"({trl_rollout / our_rollout:.1f}x)")
     print(f"GRPO step speed-up with the rollout engine: {trl_step / our_step:.1f}x "
           f"(with generation and scoring free, the training alone would bound it at {trl_step / our_training:.1f}x)")
 
