@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import torch
+import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from rollout.engine import RolloutEngine
@@ -111,8 +112,7 @@ class PiecewiseDecode:
         n = tokens.shape[0]
         size = next(b for b in self.buckets if b >= n)
         pad = size - n
-        tokens = torch.nn.functional.pad(tokens, (0, pad))
-        positions = torch.nn.functional.pad(positions, (0, pad))
+        tokens, positions = F.pad(tokens, (0, pad)), F.pad(positions, (0, pad))
         visible = torch.cat([visible, visible.new_zeros(pad, visible.shape[1])])
         visible[n:, 0] = True
         rows = torch.arange(size, device=tokens.device)

@@ -88,8 +88,9 @@ def choose_tokens(logprobs: torch.Tensor, params: SamplingParams, draws: torch.T
     """
     if params.temperature == 0:
         return logprobs.argmax(-1)
-    probs = logprobs.double().exp()
-    cdf = probs.cumsum(-1)
-    tokens = torch.searchsorted(cdf, draws[:, None].to(cdf) * cdf[:, -1:], right=True)[:, 0]
-    last_possible = (probs > 0).cumsum(-1).argmax(-1)   # a draw rounding up to the total mass lands here
-    return torch.minimum(tokens, last_possible)
+    cdf = logprobs.double().exp().cumsum(-1)
+    total = cdf[:, -1:]
+    # A draw that rounds up to the total mass would land past the vocabulary; just below the total it
+    # lands on the last token of nonzero probability.
+    target = torch.minimum(draws[:, None].to(cdf) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True)[:, 0]
