@@ -1,6 +1,7 @@
 """Rollout engine against transformers' ``generate()``: new tokens per second, and state memory.
 
-Both decode greedily for the same prompts with the same model; the ratio is measured in one run. With a
+Both decode greedily for the same prompts with the same model; the ratio is measured in one run, from the
+median of ``--repeats`` interleaved timings of each (a shared CPU's speed drifts from minute to minute). With a
 random model (``--layout``) no sequence stops, so both generate exactly ``--new-tokens`` per prompt.
 With a trained checkpoint (``--checkpoint``) sequences stop at their end-of-turn token at different
 lengths, as in RL rollouts: ``generate()`` keeps computing finished rows until the longest is done,
@@ -9,6 +10,7 @@ while the engine hands their slots to waiting prompts; only tokens up to each en
     python -m bench.bench_rollout                                   # tiny layout, batches 1, 16, 64
     python -m bench.bench_rollout --checkpoint runs/tiny/rpo/final  # a trained tiny model, real stops
     python -m bench.bench_rollout --compile                         # the engine's decode step compiled
+    python -m bench.bench_rollout --repeats 5                       # more timed runs per cell (default 3)
     python -m bench.bench_rollout --layout nemotron-h-8b --hidden 256 --device cuda
 """
 
@@ -41,6 +43,12 @@ def engine_generate(engine: RolloutEngine, prompts: list[list[int]], new_tokens:
     return sum(len(o.token_ids) for o in engine.generate(prompts, params))
 
 
+def throughput(runs: list[tuple[int, float]]) -> float:
+    """New tokens per second of the median-time run (every run generates the same tokens)."""
+    tokens, seconds = sorted(runs, key=lambda run: run[1])[len(runs) // 2]
+    return tokens / seconds
+
+
 def memory_lines(model) -> list[str]:
     """Fixed Mamba state per sequence, and the attention KV it needs at 1k, 4k and 16k tokens."""
     cache = StateCache(model, slots=1, max_length=16)
@@ -60,6 +68,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--compile", action="store_true", help="the engine's decode step through torch.compile")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs of each, interleaved; the medians are compared (a shared CPU's speed drifts)")
     args = parser.parse_args()
 
     dtype = getattr(torch, args.dtype)
@@ -85,17 +95,23 @@ def main() -> None:
     print(f"engine warm-up{what}: {warm:.1f} s")
     if ungraphed:
         engine_generate(ungraphed, prompts[:2], 4, stop)
-    print(f"{'batch':>5} {'generate() tok/s':>17} {'engine tok/s':>13} {'ratio':>6}"
+    print(f"{'batch':>5} {'generate() tok/s':>17} {'engine tok/s':>13} {'ratio':>6} {'ratio range':>12}"
           + (f" {'no graphs tok/s':>16} {'graphs gain':>12}" if ungraphed else ""))
     for batch in batches:
-        with torch.no_grad():
-            n_hf, t_hf = timed(lambda: hf_generate(model, tokenizer, prompts[:batch], args.new_tokens, stop))
-        n_en, t_en = timed(lambda: engine_generate(engine, prompts[:batch], args.new_tokens, stop))
-        line = f"{batch:>5} {n_hf / t_hf:>17.0f} {n_en / t_en:>13.0f} {(n_en / t_en) / (n_hf / t_hf):>5.1f}x"
+        runs = {"hf": [], "engine": [], "ungraphed": []}
+        for _ in range(args.repeats):
+            with torch.no_grad():
+                runs["hf"].append(timed(lambda: hf_generate(model, tokenizer, prompts[:batch], args.new_tokens, stop)))
+            runs["engine"].append(timed(lambda: engine_generate(engine, prompts[:batch], args.new_tokens, stop)))
+            if ungraphed:
+                runs["ungraphed"].append(timed(lambda: engine_generate(ungraphed, prompts[:batch], args.new_tokens, stop)))
+        hf, en = throughput(runs["hf"]), throughput(runs["engine"])
+        pairs = [(n_en / t_en) / (n_hf / t_hf) for (n_hf, t_hf), (n_en, t_en) in zip(runs["hf"], runs["engine"])]
+        line = f"{batch:>5} {hf:>17.0f} {en:>13.0f} {en / hf:>5.1f}x {min(pairs):>5.1f}-{max(pairs):.1f}x"
         if ungraphed:
-            n_un, t_un = timed(lambda: engine_generate(ungraphed, prompts[:batch], args.new_tokens, stop))
-            line += f" {n_un / t_un:>16.0f} {(n_en / t_en) / (n_un / t_un):>11.1f}x"
-        print(line)
+            un = throughput(runs["ungraphed"])
+            line += f" {un:>16.0f} {en / un:>11.1f}x"
+        print(line, flush=True)
     for line in memory_lines(model):
         print(line)
 

@@ -4,7 +4,8 @@ Why not ``generate()``: a hybrid model decodes fast only if each sequence keeps 
 state. Here every sequence owns a *slot* in preallocated buffers (conv and SSM states for the Mamba
 layers, a KV cache for the few attention layers); nothing grows by concatenation. A finished sequence
 frees its slot at once and the next waiting prompt takes it (continuous batching), so one long trace
-never holds a whole batch. New prompts are prefilled packed into one row, each from a zero state.
+never holds a whole batch. New prompts are prefilled packed into one row, each from a zero state; copies
+of one prompt admitted together (GRPO samples each prompt several times) run it once and share its state.
 The n running sequences always hold slots 0..n-1 (when one finishes, the last moves into its slot), so
 a decode step reads and writes every buffer through a view of its first n rows, never a gathered copy.
 
@@ -26,6 +27,7 @@ from tqdm import tqdm
 
 from rollout import kernels
 from rollout.graphs import PiecewiseDecode
+from rollout.kernels.ssd_scan import Padding
 from rollout.sampling import Draws, SamplingParams, choose_tokens, sampling_logprobs
 
 MAMBA, ATTENTION = "linear_attention", "full_attention"
@@ -88,14 +90,15 @@ class StateCache:
         """Conv plus SSM state of one sequence: fixed, whatever its length."""
         return sum(t[0].numel() * t.element_size() for t in (*self.conv.values(), *self.ssm.values()))
 
-    def move(self, source: int, target: int) -> None:
-        """Copy one sequence's state (its cached tokens only) from slot ``source`` to slot ``target``."""
+    def copy(self, sources: Sequence[int], targets: Sequence[int]) -> None:
+        """Copy the state of slots ``sources`` (their cached tokens only) into the distinct slots ``targets``."""
+        sources, targets = (torch.tensor(s, device=self.lengths.device) for s in (sources, targets))
         for buffer in (*self.conv.values(), *self.ssm.values()):
-            buffer[target] = buffer[source]
-        length = int(self.lengths[source])
+            buffer[targets] = buffer[sources]
+        span = int(self.lengths[sources].max())
         for buffer in (*self.keys.values(), *self.values.values()):
-            buffer[target, :, :length] = buffer[source, :, :length]
-        self.lengths[target] = length
+            buffer[targets, :, :span] = buffer[sources, :, :span]
+        self.lengths[targets] = self.lengths[sources]
 
     def kv_bytes_per_token(self) -> int:
         """KV cache of one token of one sequence over all attention layers."""
@@ -127,6 +130,7 @@ class RolloutEngine:
         self.tokenizer = tokenizer
         self.max_batch, self.max_length = max_batch, max_length
         self.cache: StateCache | None = None
+        self.prefilled_tokens = 0   # prompt tokens run through the model so far (shared prompts count once)
         self.think_end = tokenizer.encode("</think>", add_special_tokens=False)
         self.decay = self._decay()
         self.compiled = compile
@@ -266,8 +270,8 @@ class RolloutEngine:
         if not movers:
             return running
         free = sorted(set(range(n)) - {s.slot for s in running})
+        self.cache.copy([s.slot for s in movers], free[: len(movers)])
         for seq, slot in zip(movers, free):
-            self.cache.move(seq.slot, slot)
             seq.slot = slot
         return sorted(running, key=lambda s: s.slot)
 
@@ -293,17 +297,28 @@ class RolloutEngine:
     # ---- the model, prefill and decode --------------------------------------------------------------------
 
     def _prefill(self, seqs: list[_Sequence]) -> torch.Tensor:
-        """Run the packed prompts, fill their slots; returns the logits [len(seqs), vocab] after each."""
+        """Run each distinct prompt once, packed into one row, and fill the slots; returns the logits
+        [len(seqs), vocab] after each prompt. Sequences with the same prompt (a GRPO group) share one
+        prefill: the first one's state is copied into the others' slots."""
+        first: dict[tuple[int, ...], int] = {}
+        leader = [first.setdefault(tuple(s.prompt_ids), i) for i, s in enumerate(seqs)]
+        distinct = [seqs[i] for i in first.values()]
         device = self.device
-        ids = torch.tensor([t for s in seqs for t in s.prompt_ids], device=device)[None]
-        lengths = torch.tensor([len(s.prompt_ids) for s in seqs], device=device)
+        ids = torch.tensor([t for s in distinct for t in s.prompt_ids], device=device)[None]
+        lengths = torch.tensor([len(s.prompt_ids) for s in distinct], device=device)
         cu = F.pad(lengths.cumsum(0), (1, 0))
-        slots = torch.tensor([s.slot for s in seqs], device=device)
+        slots = torch.tensor([s.slot for s in distinct], device=device)
+        layout = Padding.of(1, ids.shape[1], cu, device)
         hidden = self._layers(self.model.model.embeddings(ids),
                               lambda i, mixer, x: self._mamba_prefill(i, mixer, x, cu, slots),
-                              lambda i, attn, x: self._attention_prefill(i, attn, x, cu, slots))
+                              lambda i, attn, x: self._attention_prefill(i, attn, x, layout, slots))
         self.cache.lengths[slots] = lengths
-        return self._logits(hidden[0, cu[1:] - 1])
+        self.prefilled_tokens += ids.shape[1]
+        if len(distinct) < len(seqs):
+            copies = [i for i, j in enumerate(leader) if i != j]
+            self.cache.copy([seqs[leader[i]].slot for i in copies], [seqs[i].slot for i in copies])
+        row = {i: r for r, i in enumerate(first.values())}
+        return self._logits(hidden[0, cu[1:] - 1])[[row[j] for j in leader]]
 
     def _decode(self, seqs: list[_Sequence]) -> torch.Tensor:
         """Feed each sequence's last token (sequence i holds slot i); returns the next-token logits
@@ -386,16 +401,16 @@ class RolloutEngine:
         """[..., tokens, hidden] -> [..., heads, tokens, head_dim]."""
         return proj(x).unflatten(-1, (-1, attn.head_dim)).transpose(-3, -2)
 
-    def _attention_prefill(self, i: int, attn: Any, x: torch.Tensor, cu: torch.Tensor, slots: torch.Tensor):
-        q, k, v = (self._heads(attn, x[0], p) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-        out = torch.empty_like(q)
-        for slot, start, end in zip(slots.tolist(), cu[:-1].tolist(), cu[1:].tolist()):
-            self.cache.keys[i][slot, :, : end - start] = k[:, start:end]
-            self.cache.values[i][slot, :, : end - start] = v[:, start:end]
-            out[:, start:end] = F.scaled_dot_product_attention(
-                q[:, start:end], k[:, start:end], v[:, start:end], is_causal=True, scale=attn.scaling,
-                enable_gqa=True)
-        return attn.o_proj(out.transpose(0, 1).flatten(1))[None]
+    def _attention_prefill(self, i: int, attn: Any, x: torch.Tensor, layout: Padding, slots: torch.Tensor):
+        """All packed prompts in one call, as rows of a batch zero-padded at the end (``layout``): with
+        padding only after its tokens, a row's causal attention over them is that of the prompt alone."""
+        q, k, v = (layout.pad(p(x)).unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)
+                   for p in (attn.q_proj, attn.k_proj, attn.v_proj))                  # [prompts, heads, longest, d]
+        # Past its prompt a slot holds padding; decoding masks it and writes over it.
+        self.cache.keys[i][slots, :, : k.shape[2]] = k
+        self.cache.values[i][slots, :, : v.shape[2]] = v
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=True)
+        return attn.o_proj(out.transpose(1, 2).flatten(2)[layout.valid][None])
 
     def _attention_step(self, i: int, attn: Any, x: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
                         visible: torch.Tensor) -> torch.Tensor:

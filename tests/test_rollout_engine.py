@@ -73,6 +73,21 @@ def test_seeded_sampling_does_not_depend_on_batching(tiny_model, tokenizer, prom
     assert [o.token_ids for o in other_seed] != [o.token_ids for o in wide]
 
 
+def test_copies_of_a_prompt_share_one_prefill(tiny_model, tokenizer, prompts):
+    """A GRPO batch holds each prompt several times: the copies admitted together run the prompt once
+    and continue from its copied state, exactly as each would alone."""
+    params = SamplingParams(max_new_tokens=20, temperature=1.0, seed=5, stop_token_ids=())
+    grouped = [p for p in prompts[:3] for _ in range(3)]
+    engine = RolloutEngine(tiny_model, tokenizer, max_batch=9, max_length=128)
+    shared = engine.generate(grouped, params)
+    assert engine.prefilled_tokens == sum(len(p) for p in prompts[:3])
+    alone = RolloutEngine(tiny_model, tokenizer, max_batch=1, max_length=128).generate(grouped, params)
+    assert [o.token_ids for o in shared] == [o.token_ids for o in alone]
+    assert len({tuple(o.token_ids) for o in shared[:3]}) > 1       # each copy draws its own tokens
+    for a, b in zip(shared, alone):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+
+
 def test_draws_pick_tokens_in_proportion_to_their_probability():
     """Evenly spaced draws through [0, 1) hit each token as often as its probability says, to within one
     draw; a token that top-k removed is never picked, not even by the largest draw below 1."""
