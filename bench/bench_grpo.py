@@ -3,10 +3,11 @@
 Both trainers run the same steps: same model and weights, prompts, group size, completion length and
 seed, with a reward that scores every completion (so no group is skipped and no step differs in work).
 Ours generates through ``rollout_func`` with the engine; TRL's generates with ``model.generate()``.
+The trainers run ``--repeats`` times each, alternating, and their median step times are compared.
 
     python -m bench.bench_grpo                          # 16 prompts x 8 generations x 256 new tokens
     python -m bench.bench_grpo --checkpoint runs/tiny/rpo/final      # a trained model: replies stop
-    python -m bench.bench_grpo --prompts 4 --new-tokens 32 --steps 2      # a quick look
+    python -m bench.bench_grpo --prompts 4 --new-tokens 32 --steps 2 --repeats 1   # a quick look
     python -m bench.bench_grpo --checkpoint runs/tiny/rpo/final --length-groups 1  # one padded forward, as TRL
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from statistics import median
 from typing import Any
 
 import torch
@@ -63,10 +65,6 @@ class StepTimer(TrainerCallback):
         trainer.add_callback(self)
 
 
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
 def trainer_args(out: str, batch: int, group: int, new_tokens: int, steps: int) -> GRPOConfig:
     """The tiny GRPO stage's trainer settings: fp32, no activation checkpointing (TRL turns both bf16
     autocast and checkpointing on by default, which on CPU only slow the training half of a step)."""
@@ -84,7 +82,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=4, help="the first is a warm-up, not counted")
+    parser.add_argument("--steps", type=int, default=4, help="the first of each run is a warm-up, not counted")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="runs of each trainer, alternating; medians over their steps (a shared CPU's speed drifts)")
     parser.add_argument("--length-groups", type=int, default=GRPOSpec.length_groups,
                         help="groups of rows of similar length in our trainer's forward pass (1: as TRL)")
     args = parser.parse_args()
@@ -100,31 +100,36 @@ def main() -> None:
     spec = GRPOSpec(num_generations=args.group, max_new_tokens=args.new_tokens, dynamic_sampling=False,
                     engine_max_batch=batch, length_groups=args.length_groups)
     print(header(f"GRPO step: rollout engine vs TRL generate(); {args.checkpoint or 'layout ' + args.layout}, {args.prompts} prompts x "
-                 f"{args.group} generations x {args.new_tokens} new tokens, {args.steps} steps each"))
-    timings = {}
-    for name in ("TRL generate()", "rollout engine"):
-        common = dict(model=copy.deepcopy(model), reward_funcs=[length_reward], train_dataset=dataset,
-                      processing_class=tokenizer,
-                      args=trainer_args(f"/tmp/bench_grpo_{name[:3]}", batch, args.group, args.new_tokens, args.steps))
-        if name == "rollout engine":
-            trainer = GRPOStageTrainer(**common, spec=spec,
-                                       rollout=EngineRollout(spec, tokenizer, seed=0, max_prompt_length=512))
-        else:
-            trainer = GRPOTrainer(**common)
-        timer = StepTimer()
-        timer.timing(trainer)
-        trainer.train()
-        timings[name] = timer
-        print(f"{name:>16}: step times {', '.join(f'{t:.1f} s' for t in timer.steps)}; generation and scoring "
-              f"{', '.join(f'{t:.1f} s' for t in timer.rollouts)}", flush=True)
-    trl, ours = timings["TRL generate()"], timings["rollout engine"]
-    skip = 1 if args.steps > 1 else 0  # the first step of each pays one-off costs (allocator, first compile)
-    trl_step, our_step = mean(trl.steps[skip:]), mean(ours.steps[skip:])
-    trl_training, our_training = trl_step - mean(trl.rollouts[skip:]), our_step - mean(ours.rollouts[skip:])
-    print(f"mean step{' after the first' if skip else ''}: TRL generate() {trl_step:.2f} s (training "
+                 f"{args.group} generations x {args.new_tokens} new tokens, {args.steps} steps per run, {args.repeats} runs each"))
+    timings: dict[str, list[StepTimer]] = {"TRL generate()": [], "rollout engine": []}
+    for _ in range(args.repeats):
+        for name, timers in timings.items():
+            common = dict(model=copy.deepcopy(model), reward_funcs=[length_reward], train_dataset=dataset,
+                          processing_class=tokenizer,
+                          args=trainer_args(f"/tmp/bench_grpo_{name[:3]}", batch, args.group, args.new_tokens,
+                                            args.steps))
+            if name == "rollout engine":
+                trainer = GRPOStageTrainer(**common, spec=spec,
+                                           rollout=EngineRollout(spec, tokenizer, seed=0, max_prompt_length=512))
+            else:
+                trainer = GRPOTrainer(**common)
+            timer = StepTimer()
+            timer.timing(trainer)
+            trainer.train()
+            timers.append(timer)
+            print(f"{name:>16}: step times {', '.join(f'{t:.1f} s' for t in timer.steps)}; generation and scoring "
+                  f"{', '.join(f'{t:.1f} s' for t in timer.rollouts)}", flush=True)
+    skip = 1 if args.steps > 1 else 0  # the first step of each run pays one-off costs (allocator, first compile)
+
+    def medians(timers: list[StepTimer]) -> tuple[float, float, float]:
+        """Median step, rollout (generation and scoring) and training time over the counted steps."""
+        steps = [(t, r) for timer in timers for t, r in zip(timer.steps[skip:], timer.rollouts[skip:])]
+        return median(t for t, _ in steps), median(r for _, r in steps), median(t - r for t, r in steps)
+
+    (trl_step, trl_rollout, trl_training), (our_step, our_rollout, our_training) = map(medians, timings.values())
+    print(f"median step{' after the first of each run' if skip else ''}: TRL generate() {trl_step:.2f} s (training "
           f"{trl_training:.2f} s), rollout engine {our_step:.2f} s (training {our_training:.2f} s, length groups "
           f"{spec.length_groups})")
-    trl_rollout, our_rollout = trl_step - trl_training, our_step - our_training
     print(f"generation and scoring: TRL generate() {trl_rollout:.2f} s, rollout engine {our_rollout:.2f} s "
           f"({trl_rollout / our_rollout:.1f}x)")
     print(f"GRPO step speed-up with the rollout engine: {trl_step / our_step:.1f}x "

@@ -105,6 +105,20 @@ class StateCache:
         return sum(t[0, :, 0].numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
 
 
+def rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
+    """``NemotronHRMSNorm`` (fp32 inside, weight applied in fp32) through one fused call instead of its
+    seven: a decode step runs a norm per layer, and at small batch each call's overhead is its cost."""
+    return F.rms_norm(x.float(), x.shape[-1:], norm.weight.float(), norm.variance_epsilon).to(x.dtype)
+
+
+def gated_rms_norm(norm: Any, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``NemotronHRMSNormGated``: x * silu(gate), normalized per group of ``norm.group_size`` channels."""
+    gated = x.float() * F.silu(gate.float())
+    groups = gated.unflatten(-1, (-1, norm.group_size))
+    normed = F.rms_norm(groups, groups.shape[-1:], eps=norm.variance_epsilon).flatten(-2)
+    return norm.weight * normed.to(x.dtype)
+
+
 def unwrap(model: Any) -> Any:
     """The bare model inside a DDP / accelerate wrapper."""
     while hasattr(model, "module"):
@@ -346,7 +360,7 @@ class RolloutEngine:
         stateful functions."""
         for i in range(len(self.model.model.layers)) if layers is None else layers:
             block = self.model.model.layers[i]
-            x = block.norm(hidden.to(block.norm.weight.dtype))
+            x = rms_norm(block.norm, hidden.to(block.norm.weight.dtype))
             if block.block_type == MAMBA:
                 x = mamba(i, block.mixer, x)
             elif block.block_type == ATTENTION:
@@ -357,7 +371,7 @@ class RolloutEngine:
         return hidden
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self.model.model.norm_f(hidden)).float()
+        return self.model.lm_head(rms_norm(self.model.model.norm_f, hidden)).float()
 
     @staticmethod
     def _mamba_split(mixer: Any, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -381,7 +395,7 @@ class RolloutEngine:
             B.reshape(groups), C.reshape(groups), mixer.D, mixer.dt_bias, chunk_size=mixer.chunk_size,
             dt_limit=mixer.time_step_limit, cu_seqlens=cu)
         self.cache.ssm[i][slots] = states.to(self.cache.ssm[i].dtype)
-        return mixer.out_proj(mixer.norm(y.reshape(1, total, -1), gate).to(x.dtype))
+        return mixer.out_proj(gated_rms_norm(mixer.norm, y.reshape(1, total, -1), gate).to(x.dtype))
 
     def _mamba_step(self, i: int, mixer: Any, x: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
@@ -394,7 +408,7 @@ class RolloutEngine:
             self.cache.ssm[i], xs.reshape(batch, mixer.num_heads, mixer.head_dim), dt,
             self.decay[i], B.reshape(groups), C.reshape(groups), mixer.D, mixer.dt_bias,
             slot_idx=None, dt_limit=mixer.time_step_limit)
-        return mixer.out_proj(mixer.norm(y.reshape(batch, -1), gate).to(x.dtype))
+        return mixer.out_proj(gated_rms_norm(mixer.norm, y.reshape(batch, -1), gate).to(x.dtype))
 
     @staticmethod
     def _heads(attn: Any, x: torch.Tensor, proj: Any) -> torch.Tensor:
