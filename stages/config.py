@@ -86,7 +86,7 @@ class GRPOSpec:
     dynamic_sampling: bool = True  # replace groups whose rewards are all equal with fresh prompts
     max_resample_rounds: int = 3
     engine_max_batch: int = 64
-    length_groups: int = 4  # the training forward runs rows of similar length together, without shared padding
+    length_groups: int = 4  # the training forward runs rows of similar length together, split to pad the least
 
 
 @dataclass

@@ -121,10 +121,37 @@ def resample_groups(missing: int, batch: int) -> int:
     return min(2 * missing, batch)
 
 
+def fewest_cells_split(first: torch.Tensor, last: torch.Tensor, groups: int) -> list[int]:
+    """Boundaries ``[0, ..., n]`` that cut n rows, in their given order, into at most ``groups`` runs of
+    consecutive rows with the fewest cells in all: a run costs its rows times the columns from its
+    earliest ``first`` to its latest ``last``. Dynamic programming over every cut: a few [n, n] ops per group.
+    """
+    n, inf = len(first), float("inf")
+    rows = torch.arange(n, device=first.device)
+    run = rows[:, None] <= rows[None]                                  # [i, k]: rows i..k form a run
+    hi = torch.where(run, last[None].double(), -inf).cummax(dim=1).values
+    lo = torch.where(run, first[None].double(), inf).cummin(dim=1).values
+    cells = torch.where(run, (rows[None] - rows[:, None] + 1) * (hi - lo + 1), inf)
+    best = torch.full((n + 1,), inf, dtype=torch.float64, device=first.device)
+    best[0] = 0.0                                                      # best[j]: fewest cells for rows 0..j-1
+    starts = []                                                        # per group: where its run ending at k starts
+    for _ in range(groups):
+        value, start = (best[:-1, None] + cells).min(dim=0)
+        new = value < best[1:]                                         # else one group fewer does as well
+        starts.append(torch.where(new, start, -1))
+        best = torch.cat([best[:1], torch.where(new, value, best[1:])])
+    bounds = [n]
+    for start in reversed(starts):
+        begin = int(start[bounds[-1] - 1]) if bounds[-1] else -1
+        if begin >= 0:
+            bounds.append(begin)
+    return bounds[::-1]
+
+
 def length_groups(attention_mask: torch.Tensor, completion_width: int,
                   groups: int) -> list[tuple[torch.Tensor, slice, int]]:
-    """Rows sorted by length, split into ``groups`` groups of similar length, so that each group can run
-    without the padding it does not need.
+    """Rows sorted by length and cut into at most ``groups`` groups where that runs the fewest padded
+    cells, so that each group can run without the padding it does not need.
 
     ``attention_mask`` [batch, prompt + completion] has prompts left-padded and completions right-padded
     (TRL's layout; the last ``completion_width`` columns are the completion). Per group: its row indices,
@@ -137,10 +164,12 @@ def length_groups(attention_mask: torch.Tensor, completion_width: int,
     first = torch.where(real, columns, width).min(dim=1).values
     last = torch.where(real, columns, -1).max(dim=1).values.clamp(min=width - completion_width)
     order = torch.argsort(last - first, stable=True)
+    bounds = fewest_cells_split(first[order], last[order], min(groups, len(order)))
     out = []
-    for rows in order.tensor_split(min(groups, len(order))):
-        end = int(last[rows].max()) + 1
-        out.append((rows, slice(int(first[rows].min()), end), end - (width - completion_width)))
+    for begin, end in zip(bounds[:-1], bounds[1:]):
+        rows = order[begin:end]
+        stop = int(last[rows].max()) + 1
+        out.append((rows, slice(int(first[rows].min()), stop), stop - (width - completion_width)))
     return out
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import itertools
+import random
 
 import pytest
 import torch
@@ -11,8 +13,8 @@ from trl import GRPOTrainer
 
 from model.factory import build_model
 from stages.config import load_config
-from stages.grpo import (SourceReward, build_trainer, importance_ratio, informative_rows, length_groups,
-                         merge_batches, resample_groups, ungroup)
+from stages.grpo import (SourceReward, build_trainer, fewest_cells_split, importance_ratio, informative_rows,
+                         length_groups, merge_batches, resample_groups, ungroup)
 from stages.runner import StageContext
 
 GRPO_STAGE = {
@@ -135,6 +137,33 @@ def test_length_groups_cut_each_group_to_the_columns_its_rows_use():
         ([0, 2], slice(0, 7), 4)]
     parts = [10 * rows[:, None] + torch.arange(keep) for rows, _, keep in groups]
     assert ungroup(parts, groups, width=4).tolist() == [[0, 1, 2, 3], [10, 0, 0, 0], [20, 21, 22, 23], [30, 0, 0, 0]]
+
+
+def test_length_groups_leave_a_long_tail_to_itself():
+    # Seven replies of 2 tokens and one of 10 after prompts of 3: two equal halves would pad three short
+    # rows to the long one; the fewest cells put the long row alone.
+    mask = torch.zeros(8, 13, dtype=torch.long)
+    mask[:, :5] = 1
+    mask[7, :13] = 1
+    groups = length_groups(mask, completion_width=10, groups=2)
+    assert [rows.tolist() for rows, _, _ in groups] == [[0, 1, 2, 3, 4, 5, 6], [7]]
+    assert [keep for _, _, keep in groups] == [2, 10]
+
+
+def test_fewest_cells_split_is_the_best_of_every_split():
+    def cells(first, last, bounds):
+        return sum((end - begin) * (max(last[begin:end]) - min(first[begin:end]) + 1)
+                   for begin, end in zip(bounds[:-1], bounds[1:]))
+
+    rng = random.Random(0)
+    for _ in range(200):
+        n, groups = rng.randint(1, 8), rng.randint(1, 4)
+        first = [rng.randint(0, 5) for _ in range(n)]
+        last = [f + rng.randint(0, 12) for f in first]
+        got = fewest_cells_split(torch.tensor(first), torch.tensor(last), groups)
+        assert got[0] == 0 and got[-1] == n and len(got) <= groups + 1 and got == sorted(set(got))
+        every = [[0, *cut, n] for k in range(groups) for cut in itertools.combinations(range(1, n), k)]
+        assert cells(first, last, got) == min(cells(first, last, bounds) for bounds in every)
 
 
 def test_grouped_forward_gives_the_loss_and_gradient_of_trls_padded_forward(tmp_path, tokenizer):
