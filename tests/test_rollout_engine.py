@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from model.configs import reduced
 from model.factory import build_model
-from rollout.engine import RolloutEngine, StateCache
+from rollout.engine import RolloutEngine, StateCache, gated_rms_norm, rms_norm
 from rollout.sampling import Draws, SamplingParams, choose_tokens, sampling_logprobs
 
 TEXTS = ["What is 12 plus 30?", "Name a prime", "<|im_start|>system\n/think<|im_end|>\n<|im_start|>user\n"
@@ -166,6 +168,18 @@ def test_compiled_decode_step_equals_generate_and_follows_load_weights(tokenizer
             for p in policy.parameters():
                 p.add_(torch.randn_like(p) * 0.05)
         engine.load_weights(policy)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_norms_equal_the_models_own_bit_for_bit(tiny_model, dtype):
+    block = copy.deepcopy(tiny_model.model.layers[0]).to(dtype)
+    for norm in (block.norm, block.mixer.norm):
+        torch.nn.init.normal_(norm.weight)
+    torch.manual_seed(0)
+    hidden, inner = block.norm.weight.shape[0], block.mixer.norm.weight.shape[0]
+    x, y, gate = (torch.randn(5, width, dtype=dtype) for width in (hidden, inner, inner))
+    assert torch.equal(rms_norm(block.norm, x), block.norm(x))
+    assert torch.equal(gated_rms_norm(block.mixer.norm, y, gate), block.mixer.norm(y, gate))
 
 
 def test_state_memory_is_fixed_per_sequence(tiny_model):
