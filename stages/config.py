@@ -87,6 +87,7 @@ class GRPOSpec:
     max_resample_rounds: int = 3
     engine_max_batch: int = 64
     length_groups: int = 4  # the training forward runs rows of similar length together, split to pad the least
+    share_prompts: bool = True  # the training forward runs each distinct prompt once for all rows that carry it
 
 
 @dataclass

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from accelerate import PartialState
 from datasets import Dataset
+from transformers import Cache, DynamicCache
+from transformers.cache_utils import DynamicLayer, LinearAttentionCacheLayerMixin
 from trl import GRPOConfig, GRPOTrainer
 
 from data_blends.blend import build_examples
@@ -181,6 +183,28 @@ def ungroup(parts: list[torch.Tensor], groups: list[tuple[torch.Tensor, slice, i
     return padded[torch.argsort(order)]
 
 
+def distinct_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first row holding each distinct prompt, and per row the index of its prompt among those."""
+    _, owner = torch.unique(prompt_ids.masked_fill(prompt_mask == 0, -1), dim=0, return_inverse=True)
+    rows = torch.arange(len(owner), device=owner.device)
+    first = torch.full((int(owner.max()) + 1,), len(owner), device=owner.device)
+    return first.scatter_reduce(0, owner, rows, "amin"), owner
+
+
+def cache_rows(cache: Cache, rows: torch.Tensor, config: Any) -> DynamicCache:
+    """A new cache holding the states of ``rows`` of ``cache``: conv and SSM states of the Mamba layers,
+    keys and values of the attention layers. Indexed, not copied, so gradients flow back into ``cache``."""
+    out = DynamicCache(config=config)
+    for i, layer in enumerate(cache.layers):
+        if isinstance(layer, LinearAttentionCacheLayerMixin):
+            if cache.get_conv_state(i) is not None:
+                out.update_conv_state(cache.get_conv_state(i)[rows], i)
+                out.update_recurrent_state(cache.get_recurrent_state(i)[rows], i)
+        elif isinstance(layer, DynamicLayer) and layer.get_seq_length() > 0:
+            out.update(layer.keys[rows], layer.values[rows], i)
+    return out
+
+
 LEFT_PADDED = ("prompt_ids", "prompt_mask")
 
 
@@ -215,6 +239,7 @@ class GRPOStageTrainer(GRPOTrainer):
         self.use_vllm, self.vllm_generation, self._last_loaded_step = True, rollout, -1
         self.vllm_importance_sampling_correction = spec.importance_sampling
         self._scoring: dict[str, Any] | None = None  # a deferred batch, between _compute_loss and its forward
+        self.shared_prompt_tokens = 0  # prompt tokens the training forward ran once for all their copies
 
     def _defers_importance_sampling(self) -> bool:
         """Is the policy that scores a batch in the loss the one that generated it (one update per rollout)?
@@ -229,11 +254,16 @@ class GRPOStageTrainer(GRPOTrainer):
     def _get_per_token_logps_and_entropies(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                                            logits_to_keep: int, *args: Any, **kwargs: Any) -> tuple[Any, Any, Any]:
         """TRL's forward pass, run per group of rows of similar length (``length_groups``), each cut to the
-        columns its rows use: a batch padded to its longest completion costs little more than its tokens."""
-        groups = length_groups(attention_mask, logits_to_keep, self.spec.length_groups)
-        parts = [super(GRPOStageTrainer, self)._get_per_token_logps_and_entropies(
-            model, input_ids[rows, cols], attention_mask[rows, cols], keep, *args, **kwargs)
-            for rows, cols, keep in groups]
+        columns its rows use: a batch padded to its longest completion costs little more than its tokens.
+        Where rows share prompts (a GRPO group), each distinct prompt runs once (``_shared_prompt_parts``)."""
+        parts = self._shared_prompt_parts(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+        if parts is None:
+            groups = length_groups(attention_mask, logits_to_keep, self.spec.length_groups)
+            parts = [super(GRPOStageTrainer, self)._get_per_token_logps_and_entropies(
+                model, input_ids[rows, cols], attention_mask[rows, cols], keep, *args, **kwargs)
+                for rows, cols, keep in groups]
+        else:
+            parts, groups = parts
         logps = ungroup([p[0] for p in parts], groups, logits_to_keep)
         entropies = None if parts[0][1] is None else ungroup([p[1] for p in parts], groups, logits_to_keep)
         aux = None if parts[0][2] is None else torch.stack([p[2] for p in parts]).mean()
@@ -241,6 +271,44 @@ class GRPOStageTrainer(GRPOTrainer):
             inputs, self._scoring = self._scoring, None
             inputs["importance_sampling_ratio"] = self._weigh(logps.detach(), inputs)
         return logps, entropies, aux
+
+    def _shared_prompt_parts(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                             logits_to_keep: int, batch_size: int | None = None, compute_entropy: bool = False,
+                             compute_aux_loss: bool = False, **media: Any) -> tuple[list, list] | None:
+        """The forward pass with each distinct prompt run once: all but its last token fill a cache (Mamba
+        conv and SSM states, attention keys and values), and each row continues from its prompt's states
+        with that last token and its completion, in length groups. Exact up to float rounding, and with
+        GRPO's copies of each prompt it runs about half the tokens when prompts are as long as replies.
+
+        None where it does not apply: no repeated prompt, a one-token prompt, a model input beyond text,
+        or activation checkpointing with gradients (transformers drops the cache of a checkpointed layer).
+        """
+        tail = input_ids.shape[1] - logits_to_keep - 1       # the prompts' last column starts the continuation
+        unwrapped = self.accelerator.unwrap_model(model)
+        if (not self.spec.share_prompts or tail < 1 or compute_aux_loss or any(v is not None for v in media.values())
+                or (torch.is_grad_enabled() and unwrapped.is_activation_checkpointing)
+                or not attention_mask[:, tail].all()):
+            return None
+        leaders, owner = distinct_prompts(input_ids[:, :tail + 1], attention_mask[:, :tail + 1])
+        if len(leaders) == len(owner):
+            return None
+        start = int(attention_mask[leaders, :tail].argmax(dim=1).min())  # leading columns that are all padding
+        cache = DynamicCache(config=unwrapped.config)
+        with self.accelerator.autocast():
+            model(input_ids=input_ids[leaders, start:tail], attention_mask=attention_mask[leaders, start:tail],
+                  cache=cache, use_cache=True, logits_to_keep=1)
+        self.shared_prompt_tokens += int(attention_mask[leaders, start:tail].sum())
+        groups = length_groups(attention_mask[:, tail:], logits_to_keep, self.spec.length_groups)
+        parts = []
+        for rows, cols, keep in groups:
+            ids, mask = input_ids[rows, tail:][:, cols], attention_mask[rows, tail:][:, cols]
+            labels = ids.masked_fill(mask == 0, -100)
+            labels[:, 0] = -100                               # the prompt's last token is context, not scored
+            with self.accelerator.autocast():
+                out = model(input_ids=ids, attention_mask=torch.cat([attention_mask[rows, start:tail], mask], dim=1),
+                            cache=cache_rows(cache, owner[rows], unwrapped.config), labels=labels, fused_lm_head=True)
+            parts.append((out.log_probs[:, -keep:], out.entropy[:, -keep:] if compute_entropy else None, None))
+        return parts, groups
 
     def _weigh(self, trainer_logps: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
         """The importance weight of a micro-batch, logging what TRL logs for it."""

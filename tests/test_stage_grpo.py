@@ -13,8 +13,8 @@ from trl import GRPOTrainer
 
 from model.factory import build_model
 from stages.config import load_config
-from stages.grpo import (SourceReward, build_trainer, fewest_cells_split, importance_ratio, informative_rows,
-                         length_groups, merge_batches, resample_groups, ungroup)
+from stages.grpo import (SourceReward, build_trainer, distinct_prompts, fewest_cells_split, importance_ratio,
+                         informative_rows, length_groups, merge_batches, resample_groups, ungroup)
 from stages.runner import StageContext
 
 GRPO_STAGE = {
@@ -166,9 +166,14 @@ def test_fewest_cells_split_is_the_best_of_every_split():
         assert cells(first, last, got) == min(cells(first, last, bounds) for bounds in every)
 
 
-def test_grouped_forward_gives_the_loss_and_gradient_of_trls_padded_forward(tmp_path, tokenizer):
+@pytest.mark.parametrize("share_prompts, checkpointing", [(True, False), (False, False), (True, True)])
+def test_grouped_forward_gives_the_loss_and_gradient_of_trls_padded_forward(tmp_path, tokenizer, share_prompts,
+                                                                            checkpointing):
     trainer = make_trainer(tmp_path, tokenizer, build_model("tiny", tokenizer, seed=0), dynamic_sampling=False,
-                           mask_truncated_completions=False, importance_sampling=False, length_groups=3)
+                           mask_truncated_completions=False, importance_sampling=False, length_groups=3,
+                           share_prompts=share_prompts)
+    if checkpointing:  # transformers drops the cache of a checkpointed layer: prompts are not shared then
+        trainer.model.gradient_checkpointing_enable()
     engine_rollout = trainer.rollout_func
 
     def uneven_rollout(prompts, trainer_):  # completions of 1 to 12 tokens, as a trained model stops
@@ -195,8 +200,19 @@ def test_grouped_forward_gives_the_loss_and_gradient_of_trls_padded_forward(tmp_
         losses.append(trainer._compute_loss(trainer.model, dict(out)))
         losses[-1].backward()
         grads.append(torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None]))
+    # Shared: each of the 2 prompts ran once up to its last token, which starts each row's continuation.
+    shared = share_prompts and not checkpointing
+    assert trainer.shared_prompt_tokens == (int(out["prompt_mask"][::4].sum()) - 2 if shared else 0)
     torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def test_distinct_prompts_tell_padding_from_a_token_of_the_same_id():
+    ids = torch.tensor([[0, 0, 5], [0, 0, 5], [7, 3, 5], [0, 0, 5], [7, 3, 5]])
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1], [1, 1, 1], [0, 1, 1], [1, 1, 1]])
+    first, owner = distinct_prompts(ids, mask)
+    assert sorted(first.tolist()) == [0, 1, 2]
+    assert torch.equal(first[owner], torch.tensor([0, 1, 2, 0, 2]))
 
 
 @pytest.mark.parametrize("mode", ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
