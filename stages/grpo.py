@@ -15,6 +15,7 @@ Three pieces plug into TRL rather than replacing its loop:
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
@@ -78,8 +79,10 @@ class EngineRollout:
         return hash((self.seed, trainer.accelerator.process_index, *self.calls)) % (2**31)
 
     def __call__(self, prompts: list[list[dict[str, str]]], trainer: GRPOTrainer) -> dict[str, Any]:
-        texts = [render(self.tokenizer, p) for p in prompts]
-        ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        keys = [json.dumps(p, sort_keys=True) for p in prompts]    # each prompt comes num_generations times
+        rendered = {key: render(self.tokenizer, p) for key, p in dict(zip(keys, prompts)).items()}
+        encoded = {key: self.tokenizer.encode(text, add_special_tokens=False) for key, text in rendered.items()}
+        texts, ids = [rendered[k] for k in keys], [encoded[k] for k in keys]
         params = SamplingParams(max_new_tokens=self.spec.max_new_tokens, temperature=self.spec.temperature,
                                 seed=self._seed(trainer), thinking_budget=self.spec.thinking_budget)
         start = time.perf_counter()
