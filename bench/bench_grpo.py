@@ -8,7 +8,7 @@ The trainers run ``--repeats`` times each, alternating, and their median step ti
     python -m bench.bench_grpo                          # 16 prompts x 8 generations x 256 new tokens
     python -m bench.bench_grpo --checkpoint runs/tiny/rpo/final      # a trained model: replies stop
     python -m bench.bench_grpo --prompts 4 --new-tokens 32 --steps 2 --repeats 1   # a quick look
-    python -m bench.bench_grpo --checkpoint runs/tiny/rpo/final --length-groups 1  # one padded forward, as TRL
+    python -m bench.bench_grpo --checkpoint runs/tiny/rpo/final --length-groups 1 --no-share-prompts  # as TRL
 """
 
 from __future__ import annotations
@@ -87,6 +87,8 @@ def main() -> None:
                         help="runs of each trainer, alternating; medians over their steps (a shared CPU's speed drifts)")
     parser.add_argument("--length-groups", type=int, default=GRPOSpec.length_groups,
                         help="groups of rows of similar length in our trainer's forward pass (1: as TRL)")
+    parser.add_argument("--share-prompts", action=argparse.BooleanOptionalAction, default=GRPOSpec.share_prompts,
+                        help="our trainer runs each distinct prompt once (--no-share-prompts: every copy, as TRL)")
     args = parser.parse_args()
 
     if args.checkpoint:
@@ -98,7 +100,7 @@ def main() -> None:
     dataset = Dataset.from_list([{"prompt": prompt_messages(r, i % 2 == 0)} for i, r in enumerate(rows)])
     batch = args.prompts * args.group
     spec = GRPOSpec(num_generations=args.group, max_new_tokens=args.new_tokens, dynamic_sampling=False,
-                    engine_max_batch=batch, length_groups=args.length_groups)
+                    engine_max_batch=batch, length_groups=args.length_groups, share_prompts=args.share_prompts)
     print(header(f"GRPO step: rollout engine vs TRL generate(); {args.checkpoint or 'layout ' + args.layout}, {args.prompts} prompts x "
                  f"{args.group} generations x {args.new_tokens} new tokens, {args.steps} steps per run, {args.repeats} runs each"))
     timings: dict[str, list[StepTimer]] = {"TRL generate()": [], "rollout engine": []}
@@ -129,7 +131,7 @@ def main() -> None:
     (trl_step, trl_rollout, trl_training), (our_step, our_rollout, our_training) = map(medians, timings.values())
     print(f"median step{' after the first of each run' if skip else ''}: TRL generate() {trl_step:.2f} s (training "
           f"{trl_training:.2f} s), rollout engine {our_step:.2f} s (training {our_training:.2f} s, length groups "
-          f"{spec.length_groups})")
+          f"{spec.length_groups}, shared prompts {'on' if spec.share_prompts else 'off'})")
     print(f"generation and scoring: TRL generate() {trl_rollout:.2f} s, rollout engine {our_rollout:.2f} s "
           f"({trl_rollout / our_rollout:.1f}x)")
     print(f"GRPO step speed-up with the rollout engine: {trl_step / our_step:.1f}x "

@@ -10,7 +10,8 @@ Three pieces plug into TRL rather than replacing its loop:
   for that correction come from the loss's own forward pass, not from a second pass over the batch.
 * ``SourceReward`` (``stages.scoring``), one per data source, so TRL logs the mean reward of each.
 * ``GRPOStageTrainer`` adds dynamic sampling: groups whose completions all scored the same carry no
-  gradient and are replaced by fresh prompts until the batch is full.
+  gradient and are replaced by fresh prompts until the batch is full. Its training forward pass runs
+  rows in length groups, and each distinct prompt once for all the rows that carry it.
 """
 
 from __future__ import annotations
@@ -303,14 +304,19 @@ class GRPOStageTrainer(GRPOTrainer):
         self.shared_prompt_tokens += int(attention_mask[leaders, start:tail].sum())
         groups = length_groups(attention_mask[:, tail:], logits_to_keep, self.spec.length_groups)
         parts = []
-        for rows, cols, keep in groups:
-            ids, mask = input_ids[rows, tail:][:, cols], attention_mask[rows, tail:][:, cols]
-            labels = ids.masked_fill(mask == 0, -100)
-            labels[:, 0] = -100                               # the prompt's last token is context, not scored
-            with self.accelerator.autocast():
-                out = model(input_ids=ids, attention_mask=torch.cat([attention_mask[rows, start:tail], mask], dim=1),
-                            cache=cache_rows(cache, owner[rows], unwrapped.config), labels=labels, fused_lm_head=True)
-            parts.append((out.log_probs[:, -keep:], out.entropy[:, -keep:] if compute_entropy else None, None))
+        for group, cols, keep in groups:
+            logps, entropies = [], []
+            for rows in group.split(batch_size or len(group)):  # TRL's micro-batches bound the memory of a pass
+                ids, mask = input_ids[rows, tail:][:, cols], attention_mask[rows, tail:][:, cols]
+                labels = ids.masked_fill(mask == 0, -100)
+                labels[:, 0] = -100                           # the prompt's last token is context, not scored
+                with self.accelerator.autocast():
+                    out = model(input_ids=ids, attention_mask=torch.cat([attention_mask[rows, start:tail], mask], 1),
+                                cache=cache_rows(cache, owner[rows], unwrapped.config), labels=labels,
+                                fused_lm_head=True)
+                logps.append(out.log_probs[:, -keep:])
+                entropies.append(out.entropy[:, -keep:] if compute_entropy else None)
+            parts.append((torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None))
         return parts, groups
 
     def _weigh(self, trainer_logps: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:

@@ -13,8 +13,8 @@ from trl import GRPOTrainer
 
 from model.factory import build_model
 from stages.config import load_config
-from stages.grpo import (SourceReward, build_trainer, distinct_prompts, fewest_cells_split, importance_ratio,
-                         informative_rows, length_groups, merge_batches, resample_groups, ungroup)
+from stages.grpo import (GRPOStageTrainer, SourceReward, build_trainer, distinct_prompts, fewest_cells_split,
+                         importance_ratio, informative_rows, length_groups, merge_batches, resample_groups, ungroup)
 from stages.runner import StageContext
 
 GRPO_STAGE = {
@@ -205,6 +205,15 @@ def test_grouped_forward_gives_the_loss_and_gradient_of_trls_padded_forward(tmp_
     assert trainer.shared_prompt_tokens == (int(out["prompt_mask"][::4].sum()) - 2 if shared else 0)
     torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+    # TRL's no-grad passes (reference, old policy) come in micro-batches of batch_size rows.
+    ids, mask = (torch.cat([out[f"prompt_{k}"], out[f"completion_{k}"]], 1) for k in ("ids", "mask"))
+    width = out["completion_ids"].shape[1]
+    with torch.no_grad():
+        chunked, _, _ = GRPOStageTrainer._get_per_token_logps_and_entropies(trainer, trainer.model, ids, mask, width,
+                                                                            batch_size=3)
+        whole, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.model, ids, mask, width)
+    completion = out["completion_mask"].bool()
+    torch.testing.assert_close(chunked[completion], whole[completion], atol=1e-5, rtol=1e-5)
 
 
 def test_distinct_prompts_tell_padding_from_a_token_of_the_same_id():
