@@ -82,6 +82,20 @@ def test_state_update_continues_the_scan_and_skips_padding():
     assert torch.equal(y[1], torch.zeros_like(y[1])) and torch.equal(states[:2], before[:2])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_update_of_the_first_slots_equals_the_slot_indexed_one(dtype):
+    """slot_idx None (row i is slot i: an fp32 state is updated where it lies) against explicit slots."""
+    g = torch.Generator().manual_seed(1)
+    x, dt, B, C = (torch.randn(*s, generator=g) for s in ((3, H, P), (3, H), (3, G, N), (3, G, N)))
+    A, D, dt_bias = -torch.rand(H, generator=g), torch.randn(H, generator=g), torch.randn(H, generator=g)
+    state = torch.randn(5, H, P, N, generator=g).to(dtype)
+    by_slot, in_place = state.clone(), state.clone()
+    y_slot = selective_state_update_ref(by_slot, x, dt, A, B, C, D, dt_bias, slot_idx=torch.arange(3), dt_limit=LIMIT)
+    y = selective_state_update_ref(in_place, x, dt, A, B, C, D, dt_bias, slot_idx=None, dt_limit=LIMIT)
+    assert torch.equal(y, y_slot) and torch.equal(in_place, by_slot)
+    assert not torch.equal(in_place[:3], state[:3]) and torch.equal(in_place[3:], state[3:])
+
+
 def test_conv1d_prefill_then_update_equals_full_conv():
     dim, width = 10, 4
     x = torch.randn(1, 12, dim)
