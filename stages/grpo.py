@@ -260,14 +260,8 @@ class GRPOStageTrainer(GRPOTrainer):
         """TRL's forward pass, run per group of rows of similar length (``length_groups``), each cut to the
         columns its rows use: a batch padded to its longest completion costs little more than its tokens.
         Where rows share prompts (a GRPO group), each distinct prompt runs once (``_shared_prompt_parts``)."""
-        parts = self._shared_prompt_parts(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
-        if parts is None:
-            groups = length_groups(attention_mask, logits_to_keep, self.spec.length_groups)
-            parts = [super(GRPOStageTrainer, self)._get_per_token_logps_and_entropies(
-                model, input_ids[rows, cols], attention_mask[rows, cols], keep, *args, **kwargs)
-                for rows, cols, keep in groups]
-        else:
-            parts, groups = parts
+        parts, groups = (self._shared_prompt_parts(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+                         or self._grouped_parts(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs))
         logps = ungroup([p[0] for p in parts], groups, logits_to_keep)
         entropies = None if parts[0][1] is None else ungroup([p[1] for p in parts], groups, logits_to_keep)
         aux = None if parts[0][2] is None else torch.stack([p[2] for p in parts]).mean()
@@ -275,6 +269,14 @@ class GRPOStageTrainer(GRPOTrainer):
             inputs, self._scoring = self._scoring, None
             inputs["importance_sampling_ratio"] = self._weigh(logps.detach(), inputs)
         return logps, entropies, aux
+
+    def _grouped_parts(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int,
+                       *args: Any, **kwargs: Any) -> tuple[list, list]:
+        """TRL's own forward pass on each length group, every row with its whole prompt."""
+        groups = length_groups(attention_mask, logits_to_keep, self.spec.length_groups)
+        return [super(GRPOStageTrainer, self)._get_per_token_logps_and_entropies(
+            model, input_ids[rows, cols], attention_mask[rows, cols], keep, *args, **kwargs)
+            for rows, cols, keep in groups], groups
 
     def _shared_prompt_parts(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                              logits_to_keep: int, batch_size: int | None = None, compute_entropy: bool = False,
@@ -305,18 +307,17 @@ class GRPOStageTrainer(GRPOTrainer):
         groups = length_groups(attention_mask[:, tail:], logits_to_keep, self.spec.length_groups)
         parts = []
         for group, cols, keep in groups:
-            logps, entropies = [], []
+            outs = []
             for rows in group.split(batch_size or len(group)):  # TRL's micro-batches bound the memory of a pass
                 ids, mask = input_ids[rows, tail:][:, cols], attention_mask[rows, tail:][:, cols]
                 labels = ids.masked_fill(mask == 0, -100)
                 labels[:, 0] = -100                           # the prompt's last token is context, not scored
+                context = torch.cat([attention_mask[rows, start:tail], mask], dim=1)  # the cached prefix, then ids
                 with self.accelerator.autocast():
-                    out = model(input_ids=ids, attention_mask=torch.cat([attention_mask[rows, start:tail], mask], 1),
-                                cache=cache_rows(cache, owner[rows], unwrapped.config), labels=labels,
-                                fused_lm_head=True)
-                logps.append(out.log_probs[:, -keep:])
-                entropies.append(out.entropy[:, -keep:] if compute_entropy else None)
-            parts.append((torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None))
+                    outs.append(model(input_ids=ids, attention_mask=context, labels=labels, fused_lm_head=True,
+                                      cache=cache_rows(cache, owner[rows], unwrapped.config)))
+            parts.append((torch.cat([o.log_probs[:, -keep:] for o in outs]),
+                          torch.cat([o.entropy[:, -keep:] for o in outs]) if compute_entropy else None, None))
         return parts, groups
 
     def _weigh(self, trainer_logps: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
