@@ -7,6 +7,11 @@ With a trained checkpoint (``--checkpoint``) sequences stop at their end-of-turn
 lengths, as in RL rollouts: ``generate()`` keeps computing finished rows until the longest is done,
 while the engine hands their slots to waiting prompts; only tokens up to each end-of-turn count.
 
+Without stops the bench also times the decode's matrix products alone (``matrix_products``): the
+layers' projections and the attention products over the KV cache, which ``generate()`` runs too. Their
+throughput over ``generate()``'s is the "ceiling": what a decoder that spent no time on anything else
+would gain over ``generate()`` with the same products.
+
     python -m bench.bench_rollout                                   # tiny layout, batches 1, 16, 64
     python -m bench.bench_rollout --checkpoint runs/tiny/rpo/final  # a trained tiny model, real stops
     python -m bench.bench_rollout --compile                         # the engine's decode step compiled
@@ -22,7 +27,7 @@ import torch
 
 from bench.common import bench_tokenizer, chat_prompts, header, timed
 from model.factory import build_model, load_model, load_tokenizer
-from rollout.engine import RolloutEngine, StateCache
+from rollout.engine import ATTENTION, MAMBA, RolloutEngine, StateCache
 from rollout.sampling import SamplingParams
 
 
@@ -41,6 +46,30 @@ def hf_generate(model, tokenizer, prompts: list[list[int]], new_tokens: int, sto
 def engine_generate(engine: RolloutEngine, prompts: list[list[int]], new_tokens: int, stop: bool) -> int:
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, stop_token_ids=None if stop else ())
     return sum(len(o.token_ids) for o in engine.generate(prompts, params))
+
+
+@torch.no_grad()
+def matrix_products(engine: RolloutEngine, batch: int, prompt_length: int, new_tokens: int) -> int:
+    """Run only the matrix products of greedy decoding ``new_tokens`` for ``batch`` prompts padded to
+    ``prompt_length``: per step, every layer's projections and, in attention layers, the scores and the
+    weighted sum over the KV span the step reads (the engine's cache, at its size). The inputs are zeros:
+    the products' cost does not depend on their values. Returns the tokens such a decode writes."""
+    model, cache = engine.model, engine.cache
+    x = torch.zeros(batch, model.config.hidden_size, device=engine.device, dtype=model.dtype)
+    for span in range(prompt_length + 1, prompt_length + new_tokens + 1):
+        for i, block in enumerate(model.model.layers):
+            mixer = block.mixer
+            if block.block_type == MAMBA:
+                mixer.out_proj(mixer.in_proj(x)[:, : mixer.intermediate_size])
+            elif block.block_type == ATTENTION:
+                keys, values = cache.keys[i][:batch, :, :span], cache.values[i][:batch, :, :span]
+                q = mixer.q_proj(x[:, None]).view(batch, keys.shape[1], -1, mixer.head_dim)   # one token per row
+                mixer.k_proj(x[:, None]), mixer.v_proj(x[:, None])
+                mixer.o_proj(((q @ keys.transpose(-1, -2)) @ values).flatten(1))
+            else:
+                mixer(x)
+        model.lm_head(x)
+    return batch * new_tokens
 
 
 def throughput(runs: list[tuple[int, float]]) -> float:
@@ -96,18 +125,25 @@ def main() -> None:
     if ungraphed:
         engine_generate(ungraphed, prompts[:2], 4, stop)
     print(f"{'batch':>5} {'generate() tok/s':>17} {'engine tok/s':>13} {'ratio':>6} {'ratio range':>12}"
+          + ("" if stop else f" {'products alone tok/s':>21} {'ceiling':>8}")
           + (f" {'no graphs tok/s':>16} {'graphs gain':>12}" if ungraphed else ""))
     for batch in batches:
-        runs = {"hf": [], "engine": [], "ungraphed": []}
+        runs = {"hf": [], "engine": [], "products": [], "ungraphed": []}
+        longest = max(map(len, prompts[:batch]))
         for _ in range(args.repeats):
             with torch.no_grad():
                 runs["hf"].append(timed(lambda: hf_generate(model, tokenizer, prompts[:batch], args.new_tokens, stop)))
             runs["engine"].append(timed(lambda: engine_generate(engine, prompts[:batch], args.new_tokens, stop)))
+            if not stop:
+                runs["products"].append(timed(lambda: matrix_products(engine, batch, longest, args.new_tokens)))
             if ungraphed:
                 runs["ungraphed"].append(timed(lambda: engine_generate(ungraphed, prompts[:batch], args.new_tokens, stop)))
         hf, en = throughput(runs["hf"]), throughput(runs["engine"])
         pairs = [(n_en / t_en) / (n_hf / t_hf) for (n_hf, t_hf), (n_en, t_en) in zip(runs["hf"], runs["engine"])]
         line = f"{batch:>5} {hf:>17.0f} {en:>13.0f} {en / hf:>5.1f}x {min(pairs):>5.1f}-{max(pairs):.1f}x"
+        if not stop:
+            products = throughput(runs["products"])
+            line += f" {products:>21.0f} {products / hf:>7.1f}x"
         if ungraphed:
             un = throughput(runs["ungraphed"])
             line += f" {un:>16.0f} {en / un:>11.1f}x"
