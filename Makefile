@@ -28,22 +28,29 @@ LAUNCH = $(PY) -m stages.launch --config $(CONFIG) --profile $(PROFILE) \
 	--num-machines "$(NUM_MACHINES)" --machine-rank "$(MACHINE_RANK)" \
 	--main-process-ip "$(MAIN_PROCESS_IP)" --main-process-port "$(MAIN_PROCESS_PORT)"
 
-.PHONY: setup rerun-from pipeline sft-reasoning sft-chat rpo grpo report bench-hybrid test test-slow eval
+.PHONY: setup constraints rerun-from pipeline sft-reasoning sft-chat rpo grpo report bench-hybrid test test-slow eval
 
 setup: $(STAMP)
 
-# torch is pinned to the CPU build where no CUDA driver is present; with one, pip picks a CUDA build.
-# bubblewrap is the code reward's sandbox; it is installed when the system's package manager allows.
-$(STAMP): pyproject.toml
+# torch is pinned to the CPU build (and the triton its tests ran with) where no CUDA driver is present;
+# with one, pip picks a CUDA build and its triton. Every other package comes at the version in
+# constraints.txt. bubblewrap is the code reward's sandbox; it is installed when the system's package
+# manager allows.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch==2.13.0; fi
-	$(PY) -m pip install -q -e ".[test]"
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch==2.13.0 triton==3.9.0; fi
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
 	@command -v bwrap >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
 		&& apt-get install -y -q bubblewrap >/dev/null; } \
 		|| echo "note: install bubblewrap (apt-get install bubblewrap) so the code reward can sandbox code"
 	touch $@
 
 pipeline: sft-reasoning sft-chat rpo grpo report
+
+# Record the versions now in .venv as those setup installs (after upgrading them and passing make test).
+constraints: $(STAMP)
+	{ grep '^#' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -viE '^(torch|triton)=='; } \
+		> constraints.txt.new && mv constraints.txt.new constraints.txt
 
 # RERUN_FROM=<stage>: move that stage's results and every later stage's to <run_dir>/superseded/ once,
 # before any stage of this make command runs, so they train again (e.g. after changing their config).

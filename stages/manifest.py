@@ -23,7 +23,7 @@ from stages.checkpoints import write_durably
 from stages.config import PipelineConfig
 
 PACKAGES = ("torch", "transformers", "trl", "accelerate", "datasets", "tokenizers", "safetensors",
-            "deepspeed", "triton", "math-verify", "vllm")
+            "deepspeed", "triton", "math-verify")
 PROJECT = Path(__file__).resolve().parent.parent
 _LARGE_FILE = 256 * 2**20  # hash files up to this size; bigger ones are fingerprinted by size and mtime
 
