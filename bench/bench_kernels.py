@@ -24,6 +24,7 @@ import platform
 import statistics
 import sys
 import time
+import types
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Callable
@@ -143,14 +144,29 @@ def decode(setup: Setup, peak: float) -> str:
     return table(title, ["batch", "time_us", "MB", "GB/s", "%peak", "rel_err"], rows)
 
 
+def import_skipping_package_init(package: str, module: str) -> types.ModuleType:
+    """``module`` of ``package`` without running ``package/__init__.py``: the package is registered as a bare
+    module over its own directory, so only ``module`` and what it imports load.
+
+    mamba_ssm needs this: its ``__init__`` imports the CUDA extension ``selective_scan_cuda``, which an
+    install with ``MAMBA_SKIP_CUDA_BUILD=TRUE`` does not have, while its Triton SSD kernels need no extension."""
+    if package not in sys.modules:
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.submodule_search_locations is None:
+            raise ModuleNotFoundError(f"no package {package!r}")
+        bare = types.ModuleType(package)
+        bare.__path__ = list(spec.submodule_search_locations)
+        sys.modules[package] = bare
+    return importlib.import_module(module)
+
+
 def mamba_chunk_scan() -> tuple[Callable[..., object] | None, str]:
     """mamba_ssm's fused SSD, or None and why not."""
     if importlib.util.find_spec("mamba_ssm") is None:
         return None, f"mamba_ssm not installed: skipped ({MAMBA_INSTALL})"
     if not torch.cuda.is_available():
         return None, "mamba_ssm: skipped (needs CUDA)"
-    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-    return mamba_chunk_scan_combined, ""
+    return import_skipping_package_init("mamba_ssm", "mamba_ssm.ops.triton.ssd_combined").mamba_chunk_scan_combined, ""
 
 
 def prefill(setup: Setup) -> str:

@@ -11,6 +11,7 @@ kernel to a cubin for sm_90, which needs no GPU (ptxas ships with Triton).
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -261,6 +262,34 @@ def test_bench_cpu_smoke_prints_the_tables() -> None:
     assert all(float(row[-1]) < 1e-2 for row in [*decode, prefill])     # rel_err: one bf16 rounding at most
     assert any(line.startswith("mamba_ssm") and "skipped" in line for line in lines)
 
+
+def test_baseline_loads_without_the_package_init_a_skip_build_install_breaks(tmp_path, monkeypatch) -> None:
+    """As installed with MAMBA_SKIP_CUDA_BUILD=TRUE, mamba_ssm's __init__ imports a CUDA extension that is not
+    there; the bench still loads the Triton module it times."""
+    from bench.bench_kernels import import_skipping_package_init
+
+    package = tmp_path / "fake_mamba"
+    (package / "ops" / "triton").mkdir(parents=True)
+    (package / "__init__.py").write_text("import selective_scan_cuda_not_built\n")
+    (package / "ops" / "__init__.py").write_text("")
+    (package / "ops" / "triton" / "__init__.py").write_text("")
+    (package / "ops" / "triton" / "ssd_combined.py").write_text(
+        "from fake_mamba.ops.triton import helpers\ndef mamba_chunk_scan_combined():\n    return helpers.VALUE\n")
+    (package / "ops" / "triton" / "helpers.py").write_text("VALUE = 7\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def forget() -> None:
+        for name in [n for n in sys.modules if n.startswith("fake_mamba")]:
+            del sys.modules[name]
+
+    try:
+        with pytest.raises(ModuleNotFoundError, match="selective_scan_cuda_not_built"):
+            importlib.import_module("fake_mamba.ops.triton.ssd_combined")
+        forget()
+        module = import_skipping_package_init("fake_mamba", "fake_mamba.ops.triton.ssd_combined")
+        assert module.mamba_chunk_scan_combined() == 7
+    finally:
+        forget()
 
 if __name__ == "__main__":
     print(json.dumps(run_cases(sys.argv[1:])))
