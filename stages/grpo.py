@@ -197,15 +197,19 @@ def distinct_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tup
 
 def cache_rows(cache: Cache, rows: torch.Tensor, config: Any) -> DynamicCache:
     """A new cache holding the states of ``rows`` of ``cache``: conv and SSM states of the Mamba layers,
-    keys and values of the attention layers. Indexed, not copied, so gradients flow back into ``cache``."""
+    keys and values of the attention layers. Selected, not copied, so gradients flow back into ``cache``.
+
+    ``index_select``, not ``state[rows]``: rows repeat (the copies of a prompt), and the backward of advanced
+    indexing on a multithreaded CPU adds their gradients with atomic adds in no fixed order, so two runs of
+    a stage would drift apart in the last bits; ``index_select``'s backward adds them in order."""
     out = DynamicCache(config=config)
     for i, layer in enumerate(cache.layers):
         if isinstance(layer, LinearAttentionCacheLayerMixin):
             if cache.get_conv_state(i) is not None:
-                out.update_conv_state(cache.get_conv_state(i)[rows], i)
-                out.update_recurrent_state(cache.get_recurrent_state(i)[rows], i)
+                out.update_conv_state(cache.get_conv_state(i).index_select(0, rows), i)
+                out.update_recurrent_state(cache.get_recurrent_state(i).index_select(0, rows), i)
         elif isinstance(layer, DynamicLayer) and layer.get_seq_length() > 0:
-            out.update(layer.keys[rows], layer.values[rows], i)
+            out.update(layer.keys.index_select(0, rows), layer.values.index_select(0, rows), i)
     return out
 
 

@@ -9,12 +9,15 @@ import random
 import pytest
 import torch
 import yaml
+from transformers import DynamicCache
+from transformers.cache_utils import LinearAttentionCacheLayerMixin
 from trl import GRPOTrainer
 
 from model.factory import build_model
 from stages.config import load_config
-from stages.grpo import (GRPOStageTrainer, SourceReward, build_trainer, distinct_prompts, fewest_cells_split,
-                         importance_ratio, informative_rows, length_groups, merge_batches, resample_groups, ungroup)
+from stages.grpo import (GRPOStageTrainer, SourceReward, build_trainer, cache_rows, distinct_prompts,
+                         fewest_cells_split, importance_ratio, informative_rows, length_groups, merge_batches,
+                         resample_groups, ungroup)
 from stages.runner import StageContext
 
 GRPO_STAGE = {
@@ -222,6 +225,36 @@ def test_distinct_prompts_tell_padding_from_a_token_of_the_same_id():
     first, owner = distinct_prompts(ids, mask)
     assert sorted(first.tolist()) == [0, 1, 2]
     assert torch.equal(first[owner], torch.tensor([0, 1, 2, 0, 2]))
+
+
+def test_rows_of_a_shared_cache_backpropagate_the_same_bits_every_time(tokenizer):
+    """64 rows continue from 2 prompts' cached states (Mamba conv and SSM states, attention keys and values):
+    on two CPU threads the gradient that flows back through the repeated rows must not depend on the order
+    in which threads add it, or two runs of a stage drift apart."""
+    model = build_model("tiny", tokenizer, seed=0)
+    prompts = torch.tensor([tokenizer.encode("What is 12 plus 30?")[:6], tokenizer.encode("Name a prime")[:6]])
+    owner = torch.arange(2).repeat(32)
+    weights: dict[tuple[int, str], torch.Tensor] = {}
+
+    def gradient() -> torch.Tensor:
+        model.zero_grad()
+        cache = DynamicCache(config=model.config)
+        model(input_ids=prompts, cache=cache, use_cache=True)
+        rows = cache_rows(cache, owner, model.config)
+        total = 0
+        for i, layer in enumerate(rows.layers):
+            states = ((rows.get_conv_state(i), rows.get_recurrent_state(i))
+                      if isinstance(layer, LinearAttentionCacheLayerMixin) else (layer.keys, layer.values))
+            for k, state in enumerate(s for s in states if s is not None):     # the MLP layer holds none
+                w = weights.setdefault((i, k), torch.randn(state.shape, generator=torch.Generator().manual_seed(i)))
+                total = total + (state * w).sum()
+        total.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    assert torch.get_num_threads() > 1
+    first = gradient()
+    assert len(weights) == 2 * sum(kind != "mlp" for kind in model.config.layers_block_type)   # every state
+    assert all(torch.equal(first, gradient()) for _ in range(5))
 
 
 @pytest.mark.parametrize("mode", ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
