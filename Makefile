@@ -48,7 +48,8 @@ $(STAMP): pyproject.toml constraints.txt
 pipeline: sft-reasoning sft-chat rpo grpo report
 
 # Record the versions now in .venv as those setup installs (after upgrading them and passing make test).
-constraints: $(STAMP)
+# No setup prerequisite: setup would first put every package back at the versions being replaced.
+constraints:
 	{ grep '^#' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -viE '^(torch|triton)=='; } \
 		> constraints.txt.new && mv constraints.txt.new constraints.txt
 

@@ -291,5 +291,6 @@ def test_baseline_loads_without_the_package_init_a_skip_build_install_breaks(tmp
     finally:
         forget()
 
+
 if __name__ == "__main__":
     print(json.dumps(run_cases(sys.argv[1:])))
