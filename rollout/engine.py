@@ -106,17 +106,22 @@ class StateCache:
 
 
 def rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
-    """``NemotronHRMSNorm`` (fp32 inside, weight applied in fp32) through one fused call instead of its
-    seven: a decode step runs a norm per layer, and at small batch each call's overhead is its cost."""
-    return F.rms_norm(x.float(), x.shape[-1:], norm.weight.float(), norm.variance_epsilon).to(x.dtype)
+    """``NemotronHRMSNorm``. In fp32, one fused call instead of its seven (a decode step runs a norm per
+    layer, and at small batch each call's overhead is its cost). In lower precision, the module itself:
+    where it rounds changed between transformers releases (5.17 rounds to bf16 before the weight multiply,
+    5.24 after), and the engine must round where the training model does."""
+    if x.dtype != torch.float32 or norm.weight.dtype != torch.float32:
+        return norm(x)
+    return F.rms_norm(x, x.shape[-1:], norm.weight, norm.variance_epsilon)
 
 
 def gated_rms_norm(norm: Any, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """``NemotronHRMSNormGated``: x * silu(gate), normalized per group of ``norm.group_size`` channels."""
-    gated = x.float() * F.silu(gate.float())
-    groups = gated.unflatten(-1, (-1, norm.group_size))
-    normed = F.rms_norm(groups, groups.shape[-1:], eps=norm.variance_epsilon).flatten(-2)
-    return norm.weight * normed.to(x.dtype)
+    """``NemotronHRMSNormGated``: x * silu(gate), normalized per group of ``norm.group_size`` channels;
+    fused in fp32 and the module itself in lower precision, as ``rms_norm``."""
+    if x.dtype != torch.float32 or norm.weight.dtype != torch.float32:
+        return norm(x, gate)
+    groups = (x * F.silu(gate)).unflatten(-1, (-1, norm.group_size))
+    return norm.weight * F.rms_norm(groups, groups.shape[-1:], eps=norm.variance_epsilon).flatten(-2)
 
 
 def unwrap(model: Any) -> Any:
