@@ -46,8 +46,7 @@ def twin_pattern(pattern: str) -> str:
 
 
 def parameters(config: dict) -> int:
-    with torch.device("meta"):
-        return sum(p.numel() for p in build_model("tiny", **config).parameters())
+    return sum(p.numel() for p in build_model("tiny", device="meta", **config).parameters())
 
 
 def configs(name: str, full: bool) -> dict[str, dict]:
@@ -191,7 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     lines = [header(title), f"# measured copy bandwidth: {bw / 1e9:.1f} GB/s"]
     models = {}
     for name, config in configs(args.layout, args.full).items():
-        models[name] = build_model(args.layout, tokenizer, dtype=dtype, **config).eval()
+        # Built on the device (random init of a full-size layout is minutes on a CPU), kept on the CPU
+        # while the other runs.
+        models[name] = build_model(args.layout, tokenizer, dtype=dtype, device=device, **config).eval().cpu()
         params = sum(p.numel() for p in models[name].parameters())
         lines.append(f"# {name}: pattern {config['hybrid_override_pattern']}, MLP width {config['intermediate_size']}, "
                      f"{params / 1e6:.2f}M parameters")

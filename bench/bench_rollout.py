@@ -108,7 +108,7 @@ def main() -> None:
     else:
         tokenizer = bench_tokenizer()
         overrides = {"hidden_size": args.hidden} if args.hidden else {}
-        model = build_model(args.layout, tokenizer, dtype=dtype, **overrides)
+        model = build_model(args.layout, tokenizer, dtype=dtype, device=args.device, **overrides)
     model = model.to(args.device).eval()
     stop = bool(args.checkpoint)
     floor = not stop and model.device.type == "cpu"

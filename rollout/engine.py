@@ -124,6 +124,20 @@ def gated_rms_norm(norm: Any, x: torch.Tensor, gate: torch.Tensor) -> torch.Tens
     return norm.weight * F.rms_norm(groups, groups.shape[-1:], eps=norm.variance_epsilon).flatten(-2)
 
 
+def prefill_groups(lengths: Sequence[int], budget: int) -> list[range]:
+    """Consecutive runs of prompts, each prefilled in one call whose padded layout (prompts times the
+    longest) holds at most ``budget`` tokens; a prompt longer than the budget goes alone."""
+    if not lengths:
+        return []
+    groups, start, longest = [], 0, 0
+    for i, length in enumerate(lengths):
+        longest = max(longest, length)
+        if i > start and (i + 1 - start) * longest > budget:
+            groups.append(range(start, i))
+            start, longest = i, length
+    return groups + [range(start, len(lengths))]
+
+
 def unwrap(model: Any) -> Any:
     """The bare model inside a DDP / accelerate wrapper."""
     while hasattr(model, "module"):
@@ -136,8 +150,13 @@ class RolloutEngine:
 
     def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = 64, max_length: int = 4096,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None, compile: bool = False,
-                 cuda_graphs: bool = True):
-        """``compile``: run the decode step through ``torch.compile`` (dynamic shapes, so a shrinking batch
+                 cuda_graphs: bool = True, max_prefill_tokens: int = 32768):
+        """``max_prefill_tokens``: the most prompt tokens one prefill call runs, counted as its padded
+        layout (prompts times the longest). Admitted prompts past it are prefilled in further calls, so a
+        batch of long prompts does not hold activations for all of them at once (64 prompts of 8k tokens
+        would need about 24 GB for one Mamba layer's input projection of Nemotron Nano 2 in bf16).
+
+        ``compile``: run the decode step through ``torch.compile`` (dynamic shapes, so a shrinking batch
         and a growing context reuse one graph). Each decode step is a few hundred small ops; compiled,
         the elementwise ones fuse into a few loops. The first step pays the compile time.
 
@@ -147,7 +166,7 @@ class RolloutEngine:
         self.model = copy.deepcopy(model).to(device=device or next(model.parameters()).device, dtype=dtype)
         self.model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
-        self.max_batch, self.max_length = max_batch, max_length
+        self.max_batch, self.max_length, self.max_prefill_tokens = max_batch, max_length, max_prefill_tokens
         self.cache: StateCache | None = None
         self.prefilled_tokens = 0   # prompt tokens run through the model so far (shared prompts count once)
         self.think_end = tokenizer.encode("</think>", add_special_tokens=False)
@@ -316,28 +335,34 @@ class RolloutEngine:
     # ---- the model, prefill and decode --------------------------------------------------------------------
 
     def _prefill(self, seqs: list[_Sequence]) -> torch.Tensor:
-        """Run each distinct prompt once, packed into one row, and fill the slots; returns the logits
-        [len(seqs), vocab] after each prompt. Sequences with the same prompt (a GRPO group) share one
-        prefill: the first one's state is copied into the others' slots."""
+        """Run each distinct prompt once and fill the slots; returns the logits [len(seqs), vocab] after
+        each prompt. Sequences with the same prompt (a GRPO group) share one prefill: the first one's
+        state is copied into the others' slots."""
         first: dict[tuple[int, ...], int] = {}
         leader = [first.setdefault(tuple(s.prompt_ids), i) for i, s in enumerate(seqs)]
         distinct = [seqs[i] for i in first.values()]
+        groups = prefill_groups([len(s.prompt_ids) for s in distinct], self.max_prefill_tokens)
+        logits = torch.cat([self._prefill_packed([distinct[j] for j in group]) for group in groups])
+        if len(distinct) < len(seqs):
+            copies = [i for i, j in enumerate(leader) if i != j]
+            self.cache.copy([seqs[leader[i]].slot for i in copies], [seqs[i].slot for i in copies])
+        row = {i: r for r, i in enumerate(first.values())}
+        return logits[[row[j] for j in leader]]
+
+    def _prefill_packed(self, seqs: list[_Sequence]) -> torch.Tensor:
+        """Prefill the sequences' prompts packed into one row; returns the logits after each prompt."""
         device = self.device
-        ids = torch.tensor([t for s in distinct for t in s.prompt_ids], device=device)[None]
-        lengths = torch.tensor([len(s.prompt_ids) for s in distinct], device=device)
+        ids = torch.tensor([t for s in seqs for t in s.prompt_ids], device=device)[None]
+        lengths = torch.tensor([len(s.prompt_ids) for s in seqs], device=device)
         cu = F.pad(lengths.cumsum(0), (1, 0))
-        slots = torch.tensor([s.slot for s in distinct], device=device)
+        slots = torch.tensor([s.slot for s in seqs], device=device)
         layout = Padding.of(1, ids.shape[1], cu, device)
         hidden = self._layers(self.model.model.embeddings(ids),
                               lambda i, mixer, x: self._mamba_prefill(i, mixer, x, cu, slots),
                               lambda i, attn, x: self._attention_prefill(i, attn, x, layout, slots))
         self.cache.lengths[slots] = lengths
         self.prefilled_tokens += ids.shape[1]
-        if len(distinct) < len(seqs):
-            copies = [i for i, j in enumerate(leader) if i != j]
-            self.cache.copy([seqs[leader[i]].slot for i in copies], [seqs[i].slot for i in copies])
-        row = {i: r for r, i in enumerate(first.values())}
-        return self._logits(hidden[0, cu[1:] - 1])[[row[j] for j in leader]]
+        return self._logits(hidden[0, cu[1:] - 1])
 
     def _decode(self, seqs: list[_Sequence]) -> torch.Tensor:
         """Feed each sequence's last token (sequence i holds slot i); returns the next-token logits

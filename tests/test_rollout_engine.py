@@ -9,7 +9,7 @@ import torch
 
 from model.configs import reduced
 from model.factory import build_model
-from rollout.engine import RolloutEngine, StateCache, gated_rms_norm, rms_norm
+from rollout.engine import RolloutEngine, StateCache, gated_rms_norm, prefill_groups, rms_norm
 from rollout.sampling import Draws, SamplingParams, choose_tokens, sampling_logprobs
 
 TEXTS = ["What is 12 plus 30?", "Name a prime", "<|im_start|>system\n/think<|im_end|>\n<|im_start|>user\n"
@@ -89,6 +89,29 @@ def test_copies_of_a_prompt_share_one_prefill(tiny_model, tokenizer, prompts):
     for a, b in zip(shared, alone):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
 
+
+
+def test_prefill_groups_hold_their_padded_layout_within_the_budget():
+    assert prefill_groups([5, 5, 5, 5], 10) == [range(0, 2), range(2, 4)]
+    assert prefill_groups([2, 2, 6, 1], 12) == [range(0, 2), range(2, 4)]     # 3 x 6 = 18 is past 12
+    assert prefill_groups([3, 12, 2], 10) == [range(0, 1), range(1, 2), range(2, 3)]
+    assert prefill_groups([4, 4], 1 << 15) == [range(0, 2)] and prefill_groups([], 8) == []
+
+
+def test_a_prefill_budget_splits_the_prefill_and_changes_no_token(tiny_model, tokenizer, prompts):
+    """Prompts prefilled in several calls (copies of a prompt still sharing theirs) continue exactly as
+    when all are prefilled in one."""
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=3, stop_token_ids=())
+    grouped = [p for p in prompts for _ in range(2)]
+    whole = RolloutEngine(tiny_model, tokenizer, max_batch=8, max_length=128)
+    split = RolloutEngine(tiny_model, tokenizer, max_batch=8, max_length=128, max_prefill_tokens=2 * len(prompts[1]))
+    calls = []
+    split._prefill_packed = lambda seqs, run=split._prefill_packed: calls.append(len(seqs)) or run(seqs)
+    want, got = whole.generate(grouped, params), split.generate(grouped, params)
+    assert len(calls) > 2 and sum(calls) == len(prompts) and split.prefilled_tokens == whole.prefilled_tokens
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
 
 def test_draws_pick_tokens_in_proportion_to_their_probability():
     """Evenly spaced draws through [0, 1) hit each token as often as its probability says, to within one
