@@ -17,6 +17,7 @@ from pathlib import Path
 
 from stages.checkpoints import DiskFull
 from stages.config import load_config
+from stages.environment import EnvironmentMismatch, check_environment
 from stages.schema import ConfigError
 
 STAGE_MODULES = {"sft": "stages.sft", "rpo": "stages.rpo", "grpo": "stages.grpo"}
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if args.stage not in ("report", "rerun-from"):       # those two load no model
+            check_environment()
         config = load_config(args.config, args.profile)
         if args.stage == "eval":
             return evaluate_checkpoint(config, args.checkpoint, args.eval_stage)
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         stage = config.stage(args.stage)
         run_stage(config, stage.name, importlib.import_module(STAGE_MODULES[stage.kind]))
-    except ConfigError as error:
+    except (ConfigError, EnvironmentMismatch) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except DiskFull as error:

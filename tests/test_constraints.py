@@ -34,3 +34,17 @@ def test_every_dependency_is_pinned_within_its_range():
             continue
         assert name in pins, f"{name} is not in constraints.txt: run make constraints"
         assert requirement.specifier.contains(pins[name], prereleases=True), (name, pins[name], str(requirement))
+
+
+def test_a_stage_refuses_to_start_on_a_package_outside_its_range(monkeypatch, capsys, tmp_path):
+    """An older transformers (one that ignores the GRPO stage's ``cache=``) is named before anything runs."""
+    from importlib import metadata
+
+    from stages.__main__ import main
+    from stages.environment import mismatches
+
+    assert mismatches() == []              # this environment is the one the tests pass in
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: "5.23.0" if name == "transformers" else real(name))
+    assert main(["grpo", "--config", str(tmp_path / "not-read.yaml")]) == 2     # checked before the config
+    assert "transformers 5.23.0 is installed, the pipeline needs transformers>=5.24" in capsys.readouterr().err
