@@ -108,8 +108,8 @@ class StateCache:
 def rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
     """``NemotronHRMSNorm``. In fp32, one fused call instead of its seven (a decode step runs a norm per
     layer, and at small batch each call's overhead is its cost). In lower precision, the module itself:
-    where it rounds changed between transformers releases (5.17 rounds to bf16 before the weight multiply,
-    5.24 after), and the engine must round where the training model does."""
+    where it rounds changed between transformers releases (to bf16 before the weight multiply up to 5.17,
+    after it from 5.18), and the engine must round where the training model does."""
     if x.dtype != torch.float32 or norm.weight.dtype != torch.float32:
         return norm(x)
     return F.rms_norm(x, x.shape[-1:], norm.weight, norm.variance_epsilon)
