@@ -22,8 +22,11 @@ from pathlib import Path
 from typing import Callable
 from unittest import mock
 
+import numpy
 import pytest
 import torch
+import triton
+from packaging.version import Version
 
 from bench.common import bench_tokenizer, chat_prompts
 from model.factory import build_model
@@ -246,11 +249,20 @@ def run_in_subprocess(names: list[str], interpret: bool) -> dict[str, str | None
     return json.loads(proc.stdout.splitlines()[-1])
 
 
+# Triton's interpreter before 3.7 takes a loop bound loaded from memory as int() of a one-element array,
+# which numpy 2.4 refuses (a CUDA build of torch 2.11 brings Triton 3.6; the compiled kernels are not affected).
+OLD_INTERPRETER = pytest.mark.skipif(
+    Version(triton.__version__) < Version("3.7") and Version(numpy.__version__) >= Version("2.4"),
+    reason=f"Triton {triton.__version__}'s interpreter fails on numpy {numpy.__version__}: "
+           "install triton>=3.7 or numpy<2.4 to run the kernels on CPU")
+
+
 @pytest.fixture(scope="module")
 def interpreted() -> dict[str, str | None]:
     return run_in_subprocess(list(CASES), interpret=True)
 
 
+@OLD_INTERPRETER
 @pytest.mark.parametrize("case", CASES)
 def test_triton_matches_ref(case: str, interpreted: dict[str, str | None]) -> None:
     assert interpreted[case] is None, interpreted[case]
@@ -272,6 +284,7 @@ def test_dispatch_runs_the_reference_on_cpu() -> None:
     assert kernels.ssd_scan.__name__ == "ssd_scan" and "ssd_scan_ref" in kernels.ssd_scan.__doc__
 
 
+@OLD_INTERPRETER
 def test_bench_cpu_smoke_prints_the_tables() -> None:
     """The GPU benchmark's code paths at tiny shapes; the script sets TRITON_INTERPRET itself."""
     proc = subprocess.run([sys.executable, "-m", "bench.bench_kernels", "--cpu-smoke"], cwd=ROOT, env=compiled_env(),
