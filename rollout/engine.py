@@ -105,12 +105,17 @@ class StateCache:
         return sum(t[0, :, 0].numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
 
 
+def _fp32(norm: Any, x: torch.Tensor) -> bool:
+    """Whether a norm runs wholly in fp32, where a fused call computes the module's bits on any release."""
+    return x.dtype == norm.weight.dtype == torch.float32
+
+
 def rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
     """``NemotronHRMSNorm``. In fp32, one fused call instead of its seven (a decode step runs a norm per
     layer, and at small batch each call's overhead is its cost). In lower precision, the module itself:
     where it rounds changed between transformers releases (to bf16 before the weight multiply up to 5.17,
     after it from 5.18), and the engine must round where the training model does."""
-    if x.dtype != torch.float32 or norm.weight.dtype != torch.float32:
+    if not _fp32(norm, x):
         return norm(x)
     return F.rms_norm(x, x.shape[-1:], norm.weight, norm.variance_epsilon)
 
@@ -118,7 +123,7 @@ def rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
 def gated_rms_norm(norm: Any, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """``NemotronHRMSNormGated``: x * silu(gate), normalized per group of ``norm.group_size`` channels;
     fused in fp32 and the module itself in lower precision, as ``rms_norm``."""
-    if x.dtype != torch.float32 or norm.weight.dtype != torch.float32:
+    if not _fp32(norm, x):
         return norm(x, gate)
     groups = (x * F.silu(gate)).unflatten(-1, (-1, norm.group_size))
     return norm.weight * F.rms_norm(groups, groups.shape[-1:], eps=norm.variance_epsilon).flatten(-2)

@@ -90,7 +90,6 @@ def test_copies_of_a_prompt_share_one_prefill(tiny_model, tokenizer, prompts):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
 
 
-
 def test_prefill_groups_hold_their_padded_layout_within_the_budget():
     assert prefill_groups([5, 5, 5, 5], 10) == [range(0, 2), range(2, 4)]
     assert prefill_groups([2, 2, 6, 1], 12) == [range(0, 2), range(2, 4)]     # 3 x 6 = 18 is past 12
@@ -112,6 +111,7 @@ def test_a_prefill_budget_splits_the_prefill_and_changes_no_token(tiny_model, to
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     for a, b in zip(got, want):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+
 
 def test_draws_pick_tokens_in_proportion_to_their_probability():
     """Evenly spaced draws through [0, 1) hit each token as often as its probability says, to within one
