@@ -2,9 +2,10 @@
 
 Why not ``generate()``: a hybrid model decodes fast only if each sequence keeps one fixed-size Mamba
 state. Here every sequence owns a *slot* in preallocated buffers (conv and SSM states for the Mamba
-layers, a KV cache for the few attention layers); nothing grows by concatenation. A finished sequence
-frees its slot at once and the next waiting prompt takes it (continuous batching), so one long trace
-never holds a whole batch. New prompts are prefilled packed into one row, each from a zero state; copies
+layers, a KV cache for the few attention layers); nothing grows by concatenation. Decode steps pick
+their tokens on the device and run back to back, the host reading the tokens after each run of
+``steps_per_sync`` steps; a sequence that finished in the run then frees its slot and the next waiting
+prompt takes it (continuous batching), so one long trace never holds a whole batch. New prompts are prefilled packed into one row, each from a zero state; copies
 of one prompt admitted together (GRPO samples each prompt several times) run it once and share its state.
 The n running sequences always hold slots 0..n-1 (when one finishes, the last moves into its slot), so
 a decode step reads and writes every buffer through a view of its first n rows, never a gathered copy.
@@ -28,7 +29,7 @@ from tqdm import tqdm
 from rollout import kernels
 from rollout.graphs import PiecewiseDecode
 from rollout.kernels.ssd_scan import Padding
-from rollout.sampling import Draws, SamplingParams, choose_tokens, sampling_logprobs
+from rollout.sampling import Draws, SamplingParams, pick
 
 MAMBA, ATTENTION = "linear_attention", "full_attention"
 
@@ -155,15 +156,21 @@ class RolloutEngine:
 
     def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = 64, max_length: int = 4096,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None, compile: bool = False,
-                 cuda_graphs: bool = True, max_prefill_tokens: int = 32768):
+                 cuda_graphs: bool = True, max_prefill_tokens: int = 32768, steps_per_sync: int = 8):
         """``max_prefill_tokens``: the most prompt tokens one prefill call runs, counted as its padded
         layout (prompts times the longest). Admitted prompts past it are prefilled in further calls, so a
         batch of long prompts does not hold activations for all of them at once (64 prompts of 8k tokens
         would need about 24 GB for one Mamba layer's input projection of Nemotron Nano 2 in bf16).
 
-        ``compile``: run the decode step through ``torch.compile`` (dynamic shapes, so a shrinking batch
-        and a growing context reuse one graph). Each decode step is a few hundred small ops; compiled,
-        the elementwise ones fuse into a few loops. The first step pays the compile time.
+        ``steps_per_sync``: decode steps run back to back before the host reads their tokens. Each step
+        picks its tokens on the device and feeds them to the next, so the host neither waits for the
+        device nor walks the sequences every step; a sequence that stops inside a run of steps is seen
+        (and its slot freed) at the run's end, and the tokens it wrote past its stop are dropped.
+
+        ``compile``: run the decode step, token choice included, through ``torch.compile`` (dynamic
+        shapes, so a shrinking batch and a growing context reuse one graph). Each decode step is a few
+        hundred small ops; compiled, the elementwise ones fuse into a few loops. The first step pays the
+        compile time.
 
         ``cuda_graphs``: on a CUDA device and unless ``compile``, replay the decode step's Mamba and MLP
         stretches as CUDA graphs (``rollout.graphs``), recorded when the cache is allocated."""
@@ -172,6 +179,9 @@ class RolloutEngine:
         self.model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.max_batch, self.max_length, self.max_prefill_tokens = max_batch, max_length, max_prefill_tokens
+        if steps_per_sync < 1:
+            raise ValueError(f"steps_per_sync must be >= 1, got {steps_per_sync}")
+        self.steps_per_sync = steps_per_sync
         self.cache: StateCache | None = None
         self.prefilled_tokens = 0   # prompt tokens run through the model so far (shared prompts count once)
         self.think_end = tokenizer.encode("</think>", add_special_tokens=False)
@@ -182,8 +192,7 @@ class RolloutEngine:
         cuda_graphs = cuda_graphs and self.device.type == "cuda" and not compile
         self.graphs = (PiecewiseDecode(self, [b.block_type == ATTENTION for b in self.model.model.layers])
                        if cuda_graphs else None)
-        self._step = (torch.compile(self._decode_step, dynamic=True) if compile
-                      else self.graphs if cuda_graphs else self._decode_step)
+        self._step = torch.compile(self._decode_and_pick, dynamic=True) if compile else self._decode_and_pick
 
     def _decay(self) -> dict[int, torch.Tensor]:
         """A = -exp(A_log) of each Mamba layer, computed once per weight version instead of per step."""
@@ -245,11 +254,10 @@ class RolloutEngine:
             for slot, seq in enumerate(admitted, start=len(running)):
                 seq.slot = slot
             if admitted:  # their first token may already end them
-                self._choose(admitted, self._prefill(admitted), params)
-                running = self._compact(running + self._retire(admitted, stops, params, bar))
+                new = self._first_tokens(admitted, params)
+                running = self._compact(running + self._accept(admitted, *new, stops, params, bar))
             if running:
-                self._choose(running, self._decode(running), params)
-                running = self._compact(self._retire(running, stops, params, bar))
+                running = self._compact(self._accept(running, *self._decode(running, params), stops, params, bar))
         bar.close()
         return [self._completion(s, stops, params) for s in seqs]
 
@@ -258,25 +266,51 @@ class RolloutEngine:
         text = self.tokenizer.decode(prompt[-16:], skip_special_tokens=False)
         return text.rfind("<think>") > text.rfind("</think>")
 
-    def _choose(self, seqs: list[_Sequence], logits: torch.Tensor, params: SamplingParams) -> None:
-        """Pick each sequence's next token (or the forced one) and record its log-probability."""
-        logprobs = sampling_logprobs(logits, params)
-        draws = (torch.tensor([s.draws.at(len(s.tokens)) for s in seqs], dtype=torch.float64, device=logits.device)
-                 if params.temperature > 0 else None)
-        tokens = choose_tokens(logprobs, params, draws)
-        forcing = [bool(s.to_force) for s in seqs]
-        if any(forcing):
-            model_logprobs = torch.log_softmax(logits.float(), dim=-1)
-            sampled = tokens.tolist()
-            tokens = torch.tensor([s.to_force.popleft() if f else t for s, f, t in zip(seqs, forcing, sampled)],
-                                  device=logits.device)
-            logprobs = torch.where(torch.tensor(forcing, device=logits.device)[:, None], model_logprobs, logprobs)
-        chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
-        for seq, token, logprob, was_forced in zip(seqs, tokens.tolist(), chosen, forcing):
-            seq.tokens.append(token)
-            seq.logprobs.append(logprob)
-            seq.forced.append(was_forced)
-            self._track_thinking(seq, params)
+    def _schedule(self, seqs: list[_Sequence], steps: int,
+                  params: SamplingParams) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The sequences' next ``steps`` sampling draws [len(seqs), steps] (None when greedy) and the tokens
+        the engine writes itself at those steps (-1 where the model chooses; None when no sequence has any)."""
+        draws = (torch.tensor([[s.draws.at(len(s.tokens) + j) for j in range(steps)] for s in seqs],
+                              dtype=torch.float64, device=self.device) if params.temperature > 0 else None)
+        if not any(s.to_force for s in seqs):
+            return draws, None
+        forced = [[s.to_force[j] if j < len(s.to_force) else -1 for j in range(steps)] for s in seqs]
+        return draws, torch.tensor(forced, device=self.device)
+
+    def _steps(self, seqs: list[_Sequence], params: SamplingParams) -> int:
+        """Decode steps to run before the host looks: at most ``steps_per_sync``, and none past a sequence's
+        ``max_new_tokens`` or past the end of its thinking budget (so the ``</think>`` the engine writes
+        then is known when the next run of steps is scheduled)."""
+        steps = self.steps_per_sync
+        for seq in seqs:
+            steps = min(steps, params.max_new_tokens - len(seq.tokens))
+            if seq.thinking and not seq.to_force and params.thinking_budget is not None:
+                steps = min(steps, params.thinking_budget - seq.thought)
+        return max(steps, 1)
+
+    def _accept(self, seqs: list[_Sequence], tokens: list[list[int]], logprobs: list[list[float]],
+                forced: list[list[bool]], stops: set[int], params: SamplingParams, bar: tqdm) -> list[_Sequence]:
+        """Append each sequence's new tokens [len(seqs)][steps] up to the first that ends it; returns the
+        sequences still running."""
+        still = []
+        for seq, *new in zip(seqs, tokens, logprobs, forced):
+            for token, logprob, was_forced in zip(*new):
+                if was_forced:
+                    seq.to_force.popleft()
+                seq.tokens.append(token)
+                seq.logprobs.append(logprob)
+                seq.forced.append(was_forced)
+                self._track_thinking(seq, params)
+                if self._ends_on_stop_token(seq, stops) or self._hit_stop_string(seq, params):
+                    seq.finish_reason = "stop"
+                elif len(seq.tokens) >= params.max_new_tokens:
+                    seq.finish_reason = "length"
+                if seq.finish_reason is not None:
+                    bar.update()
+                    break
+            else:
+                still.append(seq)
+        return still
 
     def _track_thinking(self, seq: _Sequence, params: SamplingParams) -> None:
         """Count thinking tokens; when the budget is spent, queue ``</think>`` to be written next."""
@@ -288,21 +322,6 @@ class RolloutEngine:
             seq.thought += 1
             if params.thinking_budget is not None and seq.thought >= params.thinking_budget:
                 seq.to_force.extend(self.think_end)
-
-    def _retire(self, running: list[_Sequence], stops: set[int], params: SamplingParams,
-                bar: tqdm) -> list[_Sequence]:
-        """Mark finished sequences; returns those still running."""
-        still = []
-        for seq in running:
-            if self._ends_on_stop_token(seq, stops) or self._hit_stop_string(seq, params):
-                seq.finish_reason = "stop"
-            elif len(seq.tokens) >= params.max_new_tokens:
-                seq.finish_reason = "length"
-            if seq.finish_reason is None:
-                still.append(seq)
-            else:
-                bar.update()
-        return still
 
     def _compact(self, running: list[_Sequence]) -> list[_Sequence]:
         """Move the sequences in slots past ``len(running)`` into the slots finished ones left free, so the
@@ -369,17 +388,41 @@ class RolloutEngine:
         self.prefilled_tokens += ids.shape[1]
         return self._logits(hidden[0, cu[1:] - 1])
 
-    def _decode(self, seqs: list[_Sequence]) -> torch.Tensor:
-        """Feed each sequence's last token (sequence i holds slot i); returns the next-token logits
-        [len(seqs), vocab]."""
-        device = self.device
-        tokens = torch.tensor([s.tokens[-1] for s in seqs], device=device)
+    def _first_tokens(self, seqs: list[_Sequence],
+                      params: SamplingParams) -> tuple[list[list[int]], list[list[float]], list[list[bool]]]:
+        """Prefill the admitted sequences and pick each one's first token; returns it as ``_decode`` returns
+        a run of one step."""
+        draws, _ = self._schedule(seqs, 1, params)
+        tokens, logprobs = pick(self._prefill(seqs), params, None if draws is None else draws[:, 0], None)
+        return tokens[:, None].tolist(), logprobs[:, None].tolist(), [[False]] * len(seqs)
+
+    def _decode(self, seqs: list[_Sequence],
+                params: SamplingParams) -> tuple[list[list[int]], list[list[float]], list[list[bool]]]:
+        """Run ``_steps`` decode steps, each feeding every sequence's last token (sequence i holds slot i)
+        and picking its next on the device; returns the new tokens, their log-probabilities and whether the
+        engine forced them, each [len(seqs)][steps], read back to the host once."""
+        steps = self._steps(seqs, params)
+        draws, forced = self._schedule(seqs, steps, params)
+        tokens = torch.tensor([s.tokens[-1] for s in seqs], device=self.device)
         positions = self.cache.lengths[: len(seqs)]
-        span = int(positions.max()) + 1                  # one host sync per step, shared by all attention layers
-        visible = torch.arange(span, device=device)[None] <= positions[:, None]             # [batch, span]
-        logits = self._step(tokens, positions, visible)
-        positions += 1
-        return logits
+        span = max(len(s.prompt_ids) + len(s.tokens) for s in seqs)   # the longest cache after this token
+        new_tokens, new_logprobs = [], []
+        for j in range(steps):
+            visible = torch.arange(span + j, device=self.device)[None] <= positions[:, None]     # [batch, span]
+            tokens, logprobs = self._step(tokens, positions, visible, params, None if draws is None else draws[:, j],
+                                          None if forced is None else forced[:, j])
+            positions += 1
+            new_tokens.append(tokens)
+            new_logprobs.append(logprobs)
+        was_forced = [[False] * steps] * len(seqs) if forced is None else (forced >= 0).tolist()
+        return torch.stack(new_tokens, 1).tolist(), torch.stack(new_logprobs, 1).tolist(), was_forced
+
+    def _decode_and_pick(self, tokens: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor,
+                         params: SamplingParams, draws: torch.Tensor | None,
+                         forced: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step (replayed as CUDA graphs where recorded) and the choice of the next tokens."""
+        step = self._decode_step if self.graphs is None else self.graphs
+        return pick(step(tokens, positions, visible), params, draws, forced)
 
     def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """The model on one token per sequence, reading and writing the first rows of the cache in place."""

@@ -94,3 +94,18 @@ def choose_tokens(logprobs: torch.Tensor, params: SamplingParams, draws: torch.T
     # lands on the last token of nonzero probability.
     target = torch.minimum(draws[:, None].to(cdf) * total, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, target, right=True)[:, 0]
+
+
+def pick(logits: torch.Tensor, params: SamplingParams, draws: torch.Tensor | None,
+         forced: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's next token [batch] and its log-probability [batch]: drawn by ``choose_tokens`` under the
+    sampling distribution, or, where ``forced`` [batch] holds a token id (>= 0; -1 elsewhere, or None for
+    no row), that token with the model's own log-probability (the engine writes it, the model does not
+    choose it). A pure function of tensors, so the engine runs it inside its compiled decode step."""
+    logprobs = sampling_logprobs(logits, params)
+    tokens = choose_tokens(logprobs, params, draws)
+    if forced is not None:
+        tokens = torch.where(forced >= 0, forced, tokens)
+        own = logprobs if params.temperature == 0 else torch.log_softmax(logits.float(), dim=-1)
+        logprobs = torch.where(forced[:, None] >= 0, own, logprobs)
+    return tokens, logprobs.gather(1, tokens[:, None])[:, 0]

@@ -10,7 +10,7 @@ import torch
 from model.configs import reduced
 from model.factory import build_model
 from rollout.engine import RolloutEngine, StateCache, gated_rms_norm, prefill_groups, rms_norm
-from rollout.sampling import Draws, SamplingParams, choose_tokens, sampling_logprobs
+from rollout.sampling import Draws, SamplingParams, choose_tokens, pick, sampling_logprobs
 
 TEXTS = ["What is 12 plus 30?", "Name a prime", "<|im_start|>system\n/think<|im_end|>\n<|im_start|>user\n"
          "Why is the sky blue? Explain.<|im_end|>\n<|im_start|>assistant\n<think>", "a"]
@@ -156,6 +156,35 @@ def test_thinking_budget_closes_the_think_block(tiny_model, tokenizer):
     assert with_budget.token_ids[6] == end and with_budget.forced[6] and sum(with_budget.forced) == 1
     assert end not in with_budget.token_ids[:6]
     assert not any(without.forced)
+
+
+def test_runs_of_decode_steps_change_no_token(tiny_model, tokenizer, prompts):
+    """Decode steps run back to back between host reads: sequences that stop, hit max_new_tokens or spend
+    their thinking budget inside a run end exactly as when the host looks after every step."""
+    think = tokenizer.encode("<|im_start|>assistant\n<think>", add_special_tokens=False)
+    batch = [think, *prompts, think]
+    free = RolloutEngine(tiny_model, tokenizer, max_batch=1, max_length=128).generate(
+        batch, SamplingParams(max_new_tokens=30, temperature=1.0, seed=2, stop_token_ids=()))
+    params = SamplingParams(max_new_tokens=30, temperature=1.0, seed=2, thinking_budget=9,
+                            stop_token_ids=(free[1].token_ids[4], free[3].token_ids[13]))
+    each = RolloutEngine(tiny_model, tokenizer, max_batch=3, max_length=128, steps_per_sync=1).generate(batch, params)
+    runs = RolloutEngine(tiny_model, tokenizer, max_batch=3, max_length=128, steps_per_sync=7).generate(batch, params)
+    assert {o.finish_reason for o in runs} == {"stop", "length"} and any(any(o.forced) for o in runs)
+    for a, b in zip(each, runs):
+        assert (a.token_ids, a.forced, a.finish_reason) == (b.token_ids, b.forced, b.finish_reason)
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+
+
+def test_pick_gives_forced_tokens_the_models_own_logprob():
+    logits = torch.tensor([[2.0, 0.5, 1.0, 0.0], [0.0, 1.0, 3.0, 0.5]])
+    params = SamplingParams(temperature=0.5, top_k=2)
+    draws = torch.tensor([0.3, 0.9], dtype=torch.float64)
+    tokens, logprobs = pick(logits, params, draws, torch.tensor([3, -1]))
+    sampled = choose_tokens(sampling_logprobs(logits, params), params, draws)
+    assert tokens.tolist() == [3, sampled[1].item()]
+    torch.testing.assert_close(logprobs[0], torch.log_softmax(logits[0], -1)[3])    # filtered out by top-k
+    torch.testing.assert_close(logprobs[1], sampling_logprobs(logits, params)[1, tokens[1]])
+    assert torch.equal(pick(logits, params, draws, None)[0], sampled)
 
 
 def test_load_weights_follows_the_trainer_in_memory(tokenizer, prompts):

@@ -40,7 +40,7 @@ def generate_both(model, tokenizer, device: str, capture: bool) -> tuple[list, l
     assert plain.graphs is None and (piecewise.graphs is not None) == capture
     if not capture:   # the CPU twin: the same padded stretches, run eagerly
         attention = [block.block_type == ATTENTION for block in piecewise.model.model.layers]
-        piecewise._step = piecewise.graphs = PiecewiseDecode(piecewise, attention, capture=False)
+        piecewise.graphs = PiecewiseDecode(piecewise, attention, capture=False)
     return plain.generate(prompts, params), piecewise.generate(prompts, params)
 
 
