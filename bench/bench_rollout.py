@@ -16,6 +16,7 @@ overhead that CUDA graphs remove, so there they bound nothing and are not timed.
     python -m bench.bench_rollout                                   # tiny layout, batches 1, 16, 64
     python -m bench.bench_rollout --checkpoint runs/tiny/rpo/final  # a trained tiny model, real stops
     python -m bench.bench_rollout --compile                         # the engine's decode step compiled
+    python -m bench.bench_rollout --steps-per-sync 1                # the host reads the tokens every step
     python -m bench.bench_rollout --repeats 5                       # more timed runs per cell (default 3)
     python -m bench.bench_rollout --layout nemotron-h-8b --hidden 256 --device cuda
 """
@@ -98,6 +99,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--compile", action="store_true", help="the engine's decode step through torch.compile")
+    parser.add_argument("--steps-per-sync", type=int, default=8,
+                        help="decode steps the engine runs before the host reads their tokens (RolloutEngine's steps_per_sync)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed runs of each, interleaved; the medians are compared (a shared CPU's speed drifts)")
     args = parser.parse_args()
@@ -114,7 +117,8 @@ def main() -> None:
     floor = not stop and model.device.type == "cpu"
     batches = [int(b) for b in args.batches.split(",")]
     prompts = chat_prompts(tokenizer, max(batches))
-    sizes = dict(max_batch=max(batches), max_length=max(map(len, prompts)) + args.new_tokens)
+    sizes = dict(max_batch=max(batches), max_length=max(map(len, prompts)) + args.new_tokens,
+                 steps_per_sync=args.steps_per_sync)
     engine = RolloutEngine(model, tokenizer, **sizes, compile=args.compile)
     # On a GPU the engine replays CUDA graphs; the same engine without them runs beside it.
     ungraphed = RolloutEngine(model, tokenizer, **sizes, cuda_graphs=False) if engine.graphs else None
