@@ -120,21 +120,24 @@ def main() -> None:
     sizes = dict(max_batch=max(batches), max_length=max(map(len, prompts)) + args.new_tokens,
                  steps_per_sync=args.steps_per_sync)
     engine = RolloutEngine(model, tokenizer, **sizes, compile=args.compile)
-    # On a GPU the engine replays CUDA graphs; the same engine without them runs beside it.
-    ungraphed = RolloutEngine(model, tokenizer, **sizes, cuda_graphs=False) if engine.graphs else None
+    # On a GPU the engine replays CUDA graphs and reads the tokens back once per run of decode steps; the
+    # same engine without graphs, and one reading the tokens after every step, run beside it.
+    variants = ({"no graphs": RolloutEngine(model, tokenizer, **sizes, cuda_graphs=False),
+                 "sync every step": RolloutEngine(model, tokenizer, **{**sizes, "steps_per_sync": 1})}
+                if engine.graphs else {})
     print(header(f"rollout engine vs transformers generate(): {args.checkpoint or 'layout ' + args.layout}, "
                  f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {'up to ' if stop else ''}{args.new_tokens} new tokens"))
     # Warm-up; a compiled step compiles here, once for a batch of one and once for any larger batch.
     _, warm = timed(lambda: [engine_generate(engine, prompts[:n], 4, stop) for n in (2, 1)])
     what = " (compiling the decode step)" if args.compile else " (recording CUDA graphs)" if engine.graphs else ""
     print(f"engine warm-up{what}: {warm:.1f} s")
-    if ungraphed:
-        engine_generate(ungraphed, prompts[:2], 4, stop)
+    for variant in variants.values():
+        engine_generate(variant, prompts[:2], 4, stop)
     print(f"{'batch':>5} {'generate() tok/s':>17} {'engine tok/s':>13} {'ratio':>6} {'ratio range':>12}"
           + (f" {'products alone tok/s':>21} {'ceiling':>8}" if floor else "")
-          + (f" {'no graphs tok/s':>16} {'graphs gain':>12}" if ungraphed else ""))
+          + "".join(f" {name + ' tok/s':>21} {'engine over it':>15}" for name in variants))
     for batch in batches:
-        runs = {"hf": [], "engine": [], "products": [], "ungraphed": []}
+        runs = {name: [] for name in ("hf", "engine", "products", *variants)}
         longest = max(map(len, prompts[:batch]))
         for _ in range(args.repeats):
             with torch.no_grad():
@@ -142,17 +145,17 @@ def main() -> None:
             runs["engine"].append(timed(lambda: engine_generate(engine, prompts[:batch], args.new_tokens, stop)))
             if floor:
                 runs["products"].append(timed(lambda: matrix_products(engine, batch, longest, args.new_tokens)))
-            if ungraphed:
-                runs["ungraphed"].append(timed(lambda: engine_generate(ungraphed, prompts[:batch], args.new_tokens, stop)))
+            for name, variant in variants.items():
+                runs[name].append(timed(lambda: engine_generate(variant, prompts[:batch], args.new_tokens, stop)))
         hf, en = throughput(runs["hf"]), throughput(runs["engine"])
         pairs = [(n_en / t_en) / (n_hf / t_hf) for (n_hf, t_hf), (n_en, t_en) in zip(runs["hf"], runs["engine"])]
         line = f"{batch:>5} {hf:>17.0f} {en:>13.0f} {en / hf:>5.1f}x {min(pairs):>5.1f}-{max(pairs):.1f}x"
         if floor:
             products = throughput(runs["products"])
             line += f" {products:>21.0f} {products / hf:>7.1f}x"
-        if ungraphed:
-            un = throughput(runs["ungraphed"])
-            line += f" {un:>16.0f} {en / un:>11.1f}x"
+        for name in variants:
+            other = throughput(runs[name])
+            line += f" {other:>21.0f} {en / other:>14.1f}x"
         print(line, flush=True)
     for line in memory_lines(model):
         print(line)
