@@ -5,8 +5,8 @@ state. Here every sequence owns a *slot* in preallocated buffers (conv and SSM s
 layers, a KV cache for the few attention layers); nothing grows by concatenation. Decode steps pick
 their tokens on the device and run back to back, the host reading the tokens after each run of
 ``steps_per_sync`` steps; a sequence that finished in the run then frees its slot and the next waiting
-prompt takes it (continuous batching), so one long trace never holds a whole batch. New prompts are prefilled packed into one row, each from a zero state; copies
-of one prompt admitted together (GRPO samples each prompt several times) run it once and share its state.
+prompt takes it (continuous batching), so one long trace never holds a whole batch. New prompts are
+prefilled packed into one row, each from a zero state; copies of one prompt admitted together (GRPO samples each prompt several times) run it once and share its state.
 The n running sequences always hold slots 0..n-1 (when one finishes, the last moves into its slot), so
 a decode step reads and writes every buffer through a view of its first n rows, never a gathered copy.
 
@@ -267,15 +267,15 @@ class RolloutEngine:
         return text.rfind("<think>") > text.rfind("</think>")
 
     def _schedule(self, seqs: list[_Sequence], steps: int,
-                  params: SamplingParams) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The sequences' next ``steps`` sampling draws [len(seqs), steps] (None when greedy) and the tokens
-        the engine writes itself at those steps (-1 where the model chooses; None when no sequence has any)."""
+                  params: SamplingParams) -> tuple[torch.Tensor | None, list[list[int]] | None]:
+        """The sequences' next ``steps`` sampling draws [len(seqs), steps] on the device (None when greedy)
+        and, on the host, the tokens the engine writes itself at those steps [len(seqs)][steps] (-1 where
+        the model chooses; None when no sequence has any)."""
         draws = (torch.tensor([[s.draws.at(len(s.tokens) + j) for j in range(steps)] for s in seqs],
                               dtype=torch.float64, device=self.device) if params.temperature > 0 else None)
         if not any(s.to_force for s in seqs):
             return draws, None
-        forced = [[s.to_force[j] if j < len(s.to_force) else -1 for j in range(steps)] for s in seqs]
-        return draws, torch.tensor(forced, device=self.device)
+        return draws, [[s.to_force[j] if j < len(s.to_force) else -1 for j in range(steps)] for s in seqs]
 
     def _steps(self, seqs: list[_Sequence], params: SamplingParams) -> int:
         """Decode steps to run before the host looks: at most ``steps_per_sync``, and none past a sequence's
@@ -403,18 +403,20 @@ class RolloutEngine:
         engine forced them, each [len(seqs)][steps], read back to the host once."""
         steps = self._steps(seqs, params)
         draws, forced = self._schedule(seqs, steps, params)
+        forced_ids = None if forced is None else torch.tensor(forced, device=self.device)
         tokens = torch.tensor([s.tokens[-1] for s in seqs], device=self.device)
         positions = self.cache.lengths[: len(seqs)]
         span = max(len(s.prompt_ids) + len(s.tokens) for s in seqs)   # the longest cache after this token
+        offsets = torch.arange(span + steps - 1, device=self.device)
         new_tokens, new_logprobs = [], []
         for j in range(steps):
-            visible = torch.arange(span + j, device=self.device)[None] <= positions[:, None]     # [batch, span]
+            visible = offsets[None, : span + j] <= positions[:, None]                             # [batch, span]
             tokens, logprobs = self._step(tokens, positions, visible, params, None if draws is None else draws[:, j],
-                                          None if forced is None else forced[:, j])
+                                          None if forced_ids is None else forced_ids[:, j])
             positions += 1
             new_tokens.append(tokens)
             new_logprobs.append(logprobs)
-        was_forced = [[False] * steps] * len(seqs) if forced is None else (forced >= 0).tolist()
+        was_forced = [[False] * steps] * len(seqs) if forced is None else [[t >= 0 for t in row] for row in forced]
         return torch.stack(new_tokens, 1).tolist(), torch.stack(new_logprobs, 1).tolist(), was_forced
 
     def _decode_and_pick(self, tokens: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor,
