@@ -406,12 +406,14 @@ class RolloutEngine:
         forced_ids = None if forced is None else torch.tensor(forced, device=self.device)
         tokens = torch.tensor([s.tokens[-1] for s in seqs], device=self.device)
         positions = self.cache.lengths[: len(seqs)]
-        span = max(len(s.prompt_ids) + len(s.tokens) for s in seqs)   # the longest cache after this token
-        offsets = torch.arange(span + steps - 1, device=self.device)
+        # Every step of the run reads the KV span its last step needs: step j's mask [batch, span] is then a
+        # contiguous slice of one tensor made for the whole run, not a tensor made before each step.
+        span = max(len(s.prompt_ids) + len(s.tokens) for s in seqs) + steps - 1
+        bias = self._attention_bias(torch.arange(span, device=self.device),
+                                    positions + torch.arange(steps, device=self.device)[:, None])
         new_tokens, new_logprobs = [], []
         for j in range(steps):
-            visible = offsets[None, : span + j] <= positions[:, None]                             # [batch, span]
-            tokens, logprobs = self._step(tokens, positions, visible, params, None if draws is None else draws[:, j],
+            tokens, logprobs = self._step(tokens, positions, bias[j], params, None if draws is None else draws[:, j],
                                           None if forced_ids is None else forced_ids[:, j])
             positions += 1
             new_tokens.append(tokens)
@@ -419,19 +421,20 @@ class RolloutEngine:
         was_forced = [[False] * steps] * len(seqs) if forced is None else [[t >= 0 for t in row] for row in forced]
         return torch.stack(new_tokens, 1).tolist(), torch.stack(new_logprobs, 1).tolist(), was_forced
 
-    def _decode_and_pick(self, tokens: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor,
+    def _decode_and_pick(self, tokens: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor,
                          params: SamplingParams, draws: torch.Tensor | None,
                          forced: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode step (replayed as CUDA graphs where recorded) and the choice of the next tokens."""
         step = self._decode_step if self.graphs is None else self.graphs
-        return pick(step(tokens, positions, visible), params, draws, forced)
+        return pick(step(tokens, positions, bias), params, draws, forced)
 
-    def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """The model on one token per sequence, reading and writing the first rows of the cache in place."""
+    def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """The model on one token per sequence, reading and writing the first rows of the cache in place;
+        ``bias`` [batch, span] is the attention mask of ``_attention_bias``."""
         rows = torch.arange(tokens.shape[0], device=tokens.device)
         hidden = self._layers(self.model.model.embeddings(tokens),
                               lambda i, mixer, x: self._mamba_step(i, mixer, x),
-                              lambda i, attn, x: self._attention_step(i, attn, x, rows, positions, visible))
+                              lambda i, attn, x: self._attention_step(i, attn, x, rows, positions, bias))
         return self._logits(hidden)
 
     def _layers(self, hidden: torch.Tensor, mamba: Any, attention: Any,
@@ -490,6 +493,14 @@ class RolloutEngine:
             slot_idx=None, dt_limit=mixer.time_step_limit)
         return mixer.out_proj(gated_rms_norm(mixer.norm, y.reshape(batch, -1), gate).to(x.dtype))
 
+    def _attention_bias(self, offsets: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The decode step's attention mask as a term added to the scores, [*positions.shape, span]: 0 where
+        a row's cache holds a token (``offsets`` [span] up to its position), -inf elsewhere. Built before
+        the step, for every attention layer, it leaves each layer one add before its softmax: compiled on
+        CPU, a boolean mask was read again in each layer's fused softmax, at half its cost."""
+        bias = torch.zeros(*positions.shape, len(offsets), dtype=self.model.dtype, device=positions.device)
+        return bias.masked_fill_(offsets > positions[..., None], float("-inf"))
+
     @staticmethod
     def _heads(attn: Any, x: torch.Tensor, proj: Any) -> torch.Tensor:
         """[..., tokens, hidden] -> [..., heads, tokens, head_dim]."""
@@ -507,11 +518,11 @@ class RolloutEngine:
         return attn.o_proj(out.transpose(1, 2).flatten(2)[layout.valid][None])
 
     def _attention_step(self, i: int, attn: Any, x: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
-                        visible: torch.Tensor) -> torch.Tensor:
-        """One token per sequence, row i in cache slot i (``rows``: 0..batch-1); ``visible`` [batch, span]
-        marks each row's cached positions."""
+                        bias: torch.Tensor) -> torch.Tensor:
+        """One token per sequence, row i in cache slot i (``rows``: 0..batch-1); ``bias`` [batch, span] is
+        the attention mask of ``_attention_bias``."""
         q, k, v = (self._heads(attn, x[:, None], p) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-        batch, span = visible.shape
+        batch, span = bias.shape
         keys, values = self.cache.keys[i], self.cache.values[i]
         # Written through the cache tensor, not a view of its first rows: a compiled step would copy the
         # whole cache back after writing into such a view.
@@ -522,6 +533,6 @@ class RolloutEngine:
         kv_heads = keys.shape[1]
         qg = q.reshape(batch, kv_heads, -1, q.shape[-1])
         scores = (qg @ keys[:batch, :, :span].transpose(-1, -2)) * attn.scaling
-        probs = scores.masked_fill(~visible[:, None, None], float("-inf")).softmax(-1)
+        probs = (scores + bias[:, None, None]).softmax(-1)
         out = probs @ values[:batch, :, :span]
         return attn.o_proj(out.flatten(1))

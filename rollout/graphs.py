@@ -106,15 +106,15 @@ class PiecewiseDecode:
                                    else torch.zeros(size, hidden_size, dtype=dtype, device=engine.device))
                         self.graphs[size, index] = _Graph(lambda x, s=step: self._stretch(x, s), example, pool)
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """Same contract as ``RolloutEngine._decode_step``: logits [batch, vocab] for one token per sequence
         (a copy: the graph's own output buffer is overwritten by the next step)."""
         n = tokens.shape[0]
         size = next(b for b in self.buckets if b >= n)
         pad = size - n
         tokens, positions = F.pad(tokens, (0, pad)), F.pad(positions, (0, pad))
-        visible = torch.cat([visible, visible.new_zeros(pad, visible.shape[1])])
-        visible[n:, 0] = True
+        bias = torch.cat([bias, bias.new_full((pad, bias.shape[1]), float("-inf"))])
+        bias[n:, 0] = 0
         rows = torch.arange(size, device=tokens.device)
         x = tokens
         for index, step in enumerate(self.steps):
@@ -122,7 +122,7 @@ class PiecewiseDecode:
                 x = self.graphs[size, index](x) if self.capture else self._stretch(x, step)
             else:
                 x = self.engine._layers(x, None, lambda i, attn, h: self.engine._attention_step(
-                    i, attn, h, rows, positions, visible), layers=[step])
+                    i, attn, h, rows, positions, bias), layers=[step])
         return x[:n].clone() if self.capture else x[:n]
 
     def _stretch(self, x: torch.Tensor, stretch: Stretch) -> torch.Tensor:

@@ -31,9 +31,9 @@ def test_matrix_products_are_those_of_a_decode_step(layout, tokenizer):
     engine.generate(prompts, SamplingParams(max_new_tokens=2, temperature=0))       # allocates the cache
     batch, length = 3, 9
     positions = torch.full((batch,), length)
-    visible = torch.arange(length + 1)[None] <= positions[:, None]
+    bias = engine._attention_bias(torch.arange(length + 1), positions)
     with torch.no_grad():
-        step = products_of(lambda: engine._decode_step(torch.zeros(batch, dtype=torch.long), positions, visible))
+        step = products_of(lambda: engine._decode_step(torch.zeros(batch, dtype=torch.long), positions, bias))
     floor = products_of(lambda: matrix_products(engine, batch, length, 1))
     assert floor == step
     assert sum(n for (name, _), n in step.items() if name == "aten::matmul") >= 2     # attention's products are in
