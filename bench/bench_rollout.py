@@ -18,12 +18,18 @@ overhead that CUDA graphs remove, so there they bound nothing and are not timed.
     python -m bench.bench_rollout --compile                         # the engine's decode step compiled
     python -m bench.bench_rollout --steps-per-sync 1                # the host reads the tokens every step
     python -m bench.bench_rollout --repeats 5                       # more timed runs per cell (default 3)
+    python -m bench.bench_rollout --compile --against HEAD~1        # also the engine of an earlier commit
     python -m bench.bench_rollout --layout nemotron-h-8b --hidden 256 --device cuda
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -74,6 +80,22 @@ def matrix_products(engine: RolloutEngine, batch: int, prompt_length: int, new_t
     return batch * new_tokens
 
 
+def engine_at(rev: str, repo: Path = Path(".")) -> type:
+    """``RolloutEngine`` as committed at git revision ``rev`` of ``repo``: its ``rollout/engine.py``, imported
+    as a module of its own beside the current one (the rest of ``rollout/`` is the current code). Timing
+    both in one process is the fair test of a change to the engine: this CPU's speed drifts between runs."""
+    source = subprocess.run(["git", "-C", str(repo), "show", f"{rev}:rollout/engine.py"], check=True,
+                            capture_output=True, text=True).stdout
+    name = f"engine_at_{abs(hash(rev))}"
+    path = Path(tempfile.mkdtemp()) / f"{name}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module          # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module.RolloutEngine
+
+
 def throughput(runs: list[tuple[int, float]]) -> float:
     """New tokens per second of the median-time run (every run generates the same tokens)."""
     tokens, seconds = sorted(runs, key=lambda run: run[1])[len(runs) // 2]
@@ -101,6 +123,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="the engine's decode step through torch.compile")
     parser.add_argument("--steps-per-sync", type=int, default=8,
                         help="decode steps the engine runs before the host reads their tokens (RolloutEngine's steps_per_sync)")
+    parser.add_argument("--against", metavar="REV",
+                        help="also time the engine of this git revision (its rollout/engine.py), interleaved")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed runs of each, interleaved; the medians are compared (a shared CPU's speed drifts)")
     args = parser.parse_args()
@@ -125,6 +149,8 @@ def main() -> None:
     variants = ({"no graphs": RolloutEngine(model, tokenizer, **sizes, cuda_graphs=False),
                  "sync every step": RolloutEngine(model, tokenizer, **{**sizes, "steps_per_sync": 1})}
                 if engine.graphs else {})
+    if args.against:
+        variants[f"at {args.against}"] = engine_at(args.against)(model, tokenizer, **sizes, compile=args.compile)
     print(header(f"rollout engine vs transformers generate(): {args.checkpoint or 'layout ' + args.layout}, "
                  f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {'up to ' if stop else ''}{args.new_tokens} new tokens"))
     # Warm-up; a compiled step compiles here, once for a batch of one and once for any larger batch.
@@ -132,7 +158,8 @@ def main() -> None:
     what = " (compiling the decode step)" if args.compile else " (recording CUDA graphs)" if engine.graphs else ""
     print(f"engine warm-up{what}: {warm:.1f} s")
     for variant in variants.values():
-        engine_generate(variant, prompts[:2], 4, stop)
+        for n in (2, 1):
+            engine_generate(variant, prompts[:n], 4, stop)
     print(f"{'batch':>5} {'generate() tok/s':>17} {'engine tok/s':>13} {'ratio':>6} {'ratio range':>12}"
           + (f" {'products alone tok/s':>21} {'ceiling':>8}" if floor else "")
           + "".join(f" {name + ' tok/s':>21} {'engine over it':>15}" for name in variants))
@@ -155,7 +182,7 @@ def main() -> None:
             line += f" {products:>21.0f} {products / hf:>7.1f}x"
         for name in variants:
             other = throughput(runs[name])
-            line += f" {other:>21.0f} {en / other:>14.1f}x"
+            line += f" {other:>21.0f} {en / other:>14.2f}x"
         print(line, flush=True)
     for line in memory_lines(model):
         print(line)

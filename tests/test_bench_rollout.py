@@ -1,13 +1,16 @@
-"""bench_rollout's floor: it must time the very matrix products a decode step runs, no more and no fewer."""
+"""bench_rollout's floor must time the very matrix products a decode step runs, no more and no fewer; its
+``--against`` must run the engine of the named commit."""
 
 from __future__ import annotations
 
+import subprocess
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 
-from bench.bench_rollout import matrix_products
+from bench.bench_rollout import engine_at, matrix_products
 from model.configs import reduced
 from model.factory import build_model
 from rollout.engine import RolloutEngine
@@ -37,3 +40,22 @@ def test_matrix_products_are_those_of_a_decode_step(layout, tokenizer):
     floor = products_of(lambda: matrix_products(engine, batch, length, 1))
     assert floor == step
     assert sum(n for (name, _), n in step.items() if name == "aten::matmul") >= 2     # attention's products are in
+
+
+def test_engine_at_imports_the_committed_engine(tmp_path, tiny_model, tokenizer):
+    """A repository whose committed engine differs from the current one by a class attribute: the bench's
+    engine at that commit has it, and generates what the current engine does."""
+    source = (Path(__file__).parents[1] / "rollout" / "engine.py").read_text()
+    (tmp_path / "rollout").mkdir()
+    (tmp_path / "rollout" / "engine.py").write_text(
+        source.replace("class RolloutEngine:\n", "class RolloutEngine:\n    committed = True\n", 1))
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
+    for args in (["init", "-q"], ["add", "rollout/engine.py"], ["commit", "-qm", "engine"]):
+        subprocess.run(git + args, check=True)
+    Committed = engine_at("HEAD", repo=tmp_path)
+    assert Committed.committed and not hasattr(RolloutEngine, "committed")
+    prompts = [tokenizer.encode(t, add_special_tokens=False) for t in ("What is 12 plus 30?", "Name a prime")]
+    params = SamplingParams(max_new_tokens=6, temperature=0)
+    got, want = (E(tiny_model, tokenizer, max_batch=2, max_length=64).generate(prompts, params)
+                 for E in (Committed, RolloutEngine))
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
