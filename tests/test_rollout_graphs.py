@@ -28,9 +28,10 @@ def test_plan_cuts_the_step_at_attention_layers():
     assert plan([False, False]) == [Stretch((0, 1), embed=True, logits=True)]
 
 
-def generate_both(model, tokenizer, device: str, capture: bool) -> tuple[list, list]:
-    """Greedy completions of 6 prompts on 5 slots from the plain decode step and the piecewise one; stop
-    tokens end sequences at different steps, so the batch passes through several buckets and pads."""
+def generate_both(model, tokenizer, device: str, capture: bool) -> tuple[list, list, RolloutEngine]:
+    """Greedy completions of 6 prompts on 5 slots from the plain decode step and the piecewise one, and the
+    piecewise engine; stop tokens end sequences at different steps, so the batch passes through several
+    buckets and pads."""
     prompts = [tokenizer.encode(t, add_special_tokens=False) for t in TEXTS]
     plain = RolloutEngine(model, tokenizer, max_batch=5, max_length=128, device=device, cuda_graphs=False)
     free = plain.generate(prompts, SamplingParams(max_new_tokens=24, temperature=0, stop_token_ids=()))
@@ -41,15 +42,22 @@ def generate_both(model, tokenizer, device: str, capture: bool) -> tuple[list, l
     if not capture:   # the CPU twin: the same padded stretches, run eagerly
         attention = [block.block_type == ATTENTION for block in piecewise.model.model.layers]
         piecewise.graphs = PiecewiseDecode(piecewise, attention, capture=False)
-    return plain.generate(prompts, params), piecewise.generate(prompts, params)
+    return plain.generate(prompts, params), piecewise.generate(prompts, params), piecewise
+
+
+def assert_padding_stayed_finite(engine: RolloutEngine) -> None:
+    """Padding rows run in free slots and write their states and KV there; a row that sees no position
+    would write NaN, which a later product over those slots could carry into real rows."""
+    assert all(torch.isfinite(buffer).all() for buffer in engine.cache.buffers())
 
 
 @pytest.mark.parametrize("layout", ["tiny", "nemotron-h-8b"])
 def test_padded_piecewise_step_equals_the_plain_step(layout, tokenizer):
     """The graphs' math on CPU: stretches run eagerly on batches padded to the buckets."""
     model = build_model(layout, tokenizer, seed=1, **({} if layout == "tiny" else reduced(layout))).eval()
-    want, got = generate_both(model, tokenizer, "cpu", capture=False)
+    want, got, engine = generate_both(model, tokenizer, "cpu", capture=False)
     assert len({len(o.token_ids) for o in want}) > 2
+    assert_padding_stayed_finite(engine)
     for a, b in zip(want, got):
         assert a.token_ids == b.token_ids
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
@@ -58,7 +66,8 @@ def test_padded_piecewise_step_equals_the_plain_step(layout, tokenizer):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU; the CPU twin is above")
 def test_cuda_graph_replay_equals_the_plain_step(tokenizer):
     model = build_model("nemotron-h-8b", tokenizer, seed=1, **reduced("nemotron-h-8b")).eval()
-    want, got = generate_both(model, tokenizer, "cuda", capture=True)
+    want, got, engine = generate_both(model, tokenizer, "cuda", capture=True)
+    assert_padding_stayed_finite(engine)
     for a, b in zip(want, got):
         assert a.token_ids == b.token_ids
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
