@@ -5,7 +5,8 @@ have the same depth, MLPs and width; both run in our rollout engine with random 
 input/output length and batch the bench measures new tokens per second and the engine's state memory
 (Mamba states plus KV cache for all slots), computes the roofline of a decode step (weights, Mamba
 states and the KV cache at the average context read once per step, at the bandwidth measured here by a
-large copy), and writes a Markdown and CSV table and a PNG plot.
+large copy) and sets the decode steps' own rate against it (the engine times prefill and decode apart),
+and writes a Markdown and CSV table and a PNG plot.
 
     python -m bench.bench_hybrid                                  # CPU, reduced width and lengths
     python -m bench.bench_hybrid --full                           # GPU: Nemotron-H-8B size
@@ -72,7 +73,8 @@ def bandwidth(device: str) -> float:
 
 
 def roofline_tokens_per_second(engine: RolloutEngine, shape: Shape, bw: float) -> float:
-    """Decode tokens/s if each step read the weights, the Mamba states and the KV at the mean context once."""
+    """Decode tokens/s if each step read the weights, the Mamba states and the KV at the mean context once
+    (set against the decode steps' own rate: prefill is compute-bound and timed apart)."""
     weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     cache = engine.cache
     context = shape.input_len + shape.output_len / 2
@@ -85,14 +87,16 @@ def measure(model, tokenizer, shape: Shape, bw: float) -> dict:
     prompts = torch.randint(10, len(tokenizer), (shape.batch, shape.input_len), generator=torch.Generator().manual_seed(0))
     params = SamplingParams(max_new_tokens=shape.output_len, temperature=0, stop_token_ids=())
     engine.generate(prompts[:, :8].tolist(), SamplingParams(max_new_tokens=2, temperature=0))   # allocates, warms up
+    decode_before = engine.seconds["decode"]
     outs, seconds = timed(lambda: engine.generate(prompts.tolist(), params))
     new_tokens = sum(len(o.token_ids) for o in outs)
+    # Each prompt's first token comes out of its prefill; the rest out of decode steps, timed apart.
+    decode = (new_tokens - len(outs)) / max(engine.seconds["decode"] - decode_before, 1e-9)
     cache = engine.cache
     state_bytes = cache.mamba_bytes_per_sequence() + cache.kv_bytes_per_token() * (shape.input_len + shape.output_len)
-    measured = new_tokens / seconds
     roofline = roofline_tokens_per_second(engine, shape, bw)
-    return {"tokens_per_s": measured, "state_mib_per_seq": state_bytes / 2**20, "roofline_tokens_per_s": roofline,
-            "of_roofline": measured / roofline}
+    return {"tokens_per_s": new_tokens / seconds, "decode_tokens_per_s": decode,
+            "state_mib_per_seq": state_bytes / 2**20, "roofline_tokens_per_s": roofline, "of_roofline": decode / roofline}
 
 
 def measure_pair(models: dict[str, torch.nn.Module], tokenizer, shape: Shape, bw: float, device: str,
@@ -118,7 +122,7 @@ def measure_pair(models: dict[str, torch.nn.Module], tokenizer, shape: Shape, bw
     for name, results in runs.items():
         if results:
             means[name] = results[0] | {k: sum(r[k] for r in results) / len(results)
-                                        for k in ("tokens_per_s", "of_roofline")}
+                                        for k in ("tokens_per_s", "decode_tokens_per_s", "of_roofline")}
     return means
 
 
@@ -157,18 +161,24 @@ def parse_shapes(text: str) -> list[Shape]:
 
 
 def table(rows: list[dict], shapes: list[Shape]) -> list[str]:
-    """One Markdown row per shape both models ran, with the hybrid/Transformer ratio."""
-    lines = ["| input | output | batch | hybrid tok/s | transformer tok/s | hybrid / transformer | hybrid MiB/seq | "
-             "transformer MiB/seq | hybrid of roofline | transformer of roofline |", "|" + "---|" * 10]
+    """One Markdown row per shape, with the hybrid/Transformer ratio; "-" for a model that did not fit.
+    tok/s counts prefill and decode; decode tok/s and of roofline, the decode steps alone."""
+    lines = ["| input | output | batch | hybrid tok/s | transformer tok/s | hybrid / transformer | hybrid decode tok/s | "
+             "transformer decode tok/s | hybrid MiB/seq | transformer MiB/seq | hybrid of roofline | "
+             "transformer of roofline |", "|" + "---|" * 12]
     for shape in shapes:
         pair = {r["model"]: r for r in rows if (r["input_len"], r["output_len"], r["batch"]) == tuple(shape.__dict__.values())}
-        if len(pair) < 2:
+        if not pair:
             continue
-        h, t = pair["hybrid"], pair["transformer"]
-        lines.append(f"| {shape.input_len} | {shape.output_len} | {shape.batch} | {h['tokens_per_s']:.0f} | "
-                     f"{t['tokens_per_s']:.0f} | {h['tokens_per_s'] / t['tokens_per_s']:.2f}x | "
-                     f"{h['state_mib_per_seq']:.2f} | {t['state_mib_per_seq']:.2f} | {h['of_roofline']:.0%} | "
-                     f"{t['of_roofline']:.0%} |")
+
+        def cells(key: str, form: str) -> list[str]:
+            return [format(pair[m][key], form) if m in pair else "-" for m in ("hybrid", "transformer")]
+
+        ratio = (f"{pair['hybrid']['tokens_per_s'] / pair['transformer']['tokens_per_s']:.2f}x" if len(pair) == 2
+                 else "-")
+        lines.append("| " + " | ".join([str(shape.input_len), str(shape.output_len), str(shape.batch),
+                                        *cells("tokens_per_s", ".0f"), ratio, *cells("decode_tokens_per_s", ".0f"),
+                                        *cells("state_mib_per_seq", ".2f"), *cells("of_roofline", ".0%")]) + " |")
     return lines
 
 

@@ -3,6 +3,7 @@
 # packages (torch, triton, transformers, accelerate, pytest; mamba-ssm for the prefill baseline):
 #
 #   bash bench/gpu_checks.sh [OUT_DIR]          # default bench/results/gpu; PYTHON=... picks the interpreter
+#                                               # MAMBA_SRC=DIR: the mamba_ssm baseline from a source tree
 #
 # Steps, most decisive first, each under its own time limit, each writing OUT_DIR/<step>.txt as it runs
 # (a run cut short keeps what finished):
@@ -29,6 +30,6 @@ step() {
 
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')" || exit 1
 step tests 120 -m pytest -q -p no:cacheprovider tests/test_rollout_graphs.py
-step kernels 120 -m bench.bench_kernels
+step kernels 120 -m bench.bench_kernels ${MAMBA_SRC:+--mamba-src "$MAMBA_SRC"}
 step rollout 150 -m bench.bench_rollout --layout nemotron-h-8b --hidden 512 --dtype bfloat16 --repeats 2
 step decode 200 -m bench.bench_hybrid --full --layout nemotron-nano-9b-v2 --shapes 8192/256x64 --out "$OUT/decode"

@@ -18,6 +18,7 @@ the decode step's stretches of Mamba and MLP layers replay as CUDA graphs (``rol
 from __future__ import annotations
 
 import copy
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -184,6 +185,9 @@ class RolloutEngine:
         self.steps_per_sync = steps_per_sync
         self.cache: StateCache | None = None
         self.prefilled_tokens = 0   # prompt tokens run through the model so far (shared prompts count once)
+        # Wall seconds so far in prefill (with each prompt's first token) and in decode steps. Both phases
+        # end by reading their tokens back to the host, so no extra synchronisation is needed to time them.
+        self.seconds = {"prefill": 0.0, "decode": 0.0}
         self.think_end = tokenizer.encode("</think>", add_special_tokens=False)
         self.decay = self._decay()
         self.compiled = compile
@@ -254,12 +258,20 @@ class RolloutEngine:
             for slot, seq in enumerate(admitted, start=len(running)):
                 seq.slot = slot
             if admitted:  # their first token may already end them
-                new = self._first_tokens(admitted, params)
+                new = self._timed("prefill", self._first_tokens, admitted, params)
                 running = self._compact(running + self._accept(admitted, *new, stops, params, bar))
             if running:
-                running = self._compact(self._accept(running, *self._decode(running, params), stops, params, bar))
+                new = self._timed("decode", self._decode, running, params)
+                running = self._compact(self._accept(running, *new, stops, params, bar))
         bar.close()
         return [self._completion(s, stops, params) for s in seqs]
+
+    def _timed(self, phase: str, run: Any, *args: Any) -> Any:
+        """``run(*args)``, its wall time added to ``self.seconds[phase]``."""
+        start = time.perf_counter()
+        out = run(*args)
+        self.seconds[phase] += time.perf_counter() - start
+        return out
 
     def _opens_thinking(self, prompt: list[int]) -> bool:
         """Whether the prompt leaves a ``<think>`` block open for the model to reason in."""

@@ -35,7 +35,8 @@ def test_bench_writes_both_models_per_shape(tmp_path):
     with (tmp_path / "hybrid.csv").open() as handle:
         rows = {(r["model"], int(r["output_len"])): r for r in csv.DictReader(handle)}
     assert set(rows) == {(m, n) for m in ("hybrid", "transformer") for n in (16, 64)}
-    assert all(float(r["tokens_per_s"]) > 0 and 0 < float(r["of_roofline"]) for r in rows.values())
+    assert all(float(r["tokens_per_s"]) > 0 and float(r["decode_tokens_per_s"]) > 0 and 0 < float(r["of_roofline"])
+               for r in rows.values())
     mib = {key: float(r["state_mib_per_seq"]) for key, r in rows.items()}
     for model in ("hybrid", "transformer"):
         assert mib[model, 64] > mib[model, 16]           # both have attention layers

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -73,6 +74,19 @@ def test_seeded_sampling_does_not_depend_on_batching(tiny_model, tokenizer, prom
     other_seed = RolloutEngine(tiny_model, tokenizer, max_batch=4, max_length=128).generate(
         prompts, SamplingParams(**{**params.__dict__, "seed": 8}))
     assert [o.token_ids for o in other_seed] != [o.token_ids for o in wide]
+
+
+def test_engine_times_prefill_and_decode_apart(tiny_model, tokenizer, prompts):
+    """The two phases' seconds add up to at most the call's wall time, and only decoding adds decode time."""
+    engine = RolloutEngine(tiny_model, tokenizer, max_batch=4, max_length=128)
+    start = time.perf_counter()
+    engine.generate(prompts[:4], SamplingParams(max_new_tokens=24, temperature=0, stop_token_ids=()))
+    wall = time.perf_counter() - start
+    assert engine.seconds["prefill"] > 0 and engine.seconds["decode"] > 0
+    assert engine.seconds["prefill"] + engine.seconds["decode"] <= wall
+    decode = engine.seconds["decode"]
+    engine.generate(prompts[:4], SamplingParams(max_new_tokens=1, temperature=0, stop_token_ids=()))
+    assert engine.seconds["decode"] == decode            # one new token comes from the prefill alone
 
 
 def test_copies_of_a_prompt_share_one_prefill(tiny_model, tokenizer, prompts):
