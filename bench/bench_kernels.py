@@ -2,6 +2,7 @@
 
     python -m bench.bench_kernels              # on a CUDA machine
     python -m bench.bench_kernels --cpu-smoke  # the same code paths at tiny shapes, Triton's CPU interpreter
+    python -m bench.bench_kernels --tune       # each launch variant of the kernels, and prefill per kernel
 
 (a) Decode: ``selective_state_update`` (fp32 state, bf16 x/dt/B/C) at batch 1, 2, 4, ..., 256. Median time
     over many iterations (CUDA events, after warmup, L2 flushed before each so that small batches are not
@@ -26,8 +27,9 @@ import sys
 import time
 import traceback
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
+from itertools import product
 from typing import Callable
 
 # Triton reads TRITON_INTERPRET when it is first imported, so the smoke mode sets it before torch and Triton load.
@@ -170,8 +172,8 @@ def mamba_chunk_scan() -> tuple[Callable[..., object] | None, str]:
     return import_skipping_package_init("mamba_ssm", "mamba_ssm.ops.triton.ssd_combined").mamba_chunk_scan_combined, ""
 
 
-def prefill(setup: Setup) -> str:
-    """ssd_scan, then mamba_ssm's fused SSD on the same inputs when it is installed."""
+def prefill(setup: Setup, baseline: bool = True) -> str:
+    """ssd_scan, then (``baseline``) mamba_ssm's fused SSD on the same inputs when it is installed."""
     b, length, h, p, n, g = (setup.prefill_batch, setup.prefill_len, setup.nheads, setup.headdim, setup.dstate,
                              setup.ngroups)
     bf16 = dict(device=setup.device, dtype=torch.bfloat16)
@@ -185,7 +187,7 @@ def prefill(setup: Setup) -> str:
         return ssd_scan_triton(x, dt, A, B, C, D, dt_bias, chunk_size=setup.chunk_size)
 
     impls = {"ssd_scan": ours}
-    theirs_fn, why_not = mamba_chunk_scan()
+    theirs_fn, why_not = mamba_chunk_scan() if baseline else (None, "")
     if theirs_fn is not None:
         impls["mamba_chunk_scan_combined"] = lambda: theirs_fn(x, dt, A, B, C, setup.chunk_size, D=D, dt_bias=dt_bias,
                                                                 dt_softplus=True, return_final_states=True)
@@ -203,6 +205,50 @@ def prefill(setup: Setup) -> str:
     return f"{out}\n{why_not}" if why_not else out
 
 
+def kernel_profile(setup: Setup) -> str:
+    """CUDA time per kernel of ssd_scan and of mamba_ssm's fused SSD (when installed), five calls each."""
+    b, length, h, p, n, g = (setup.prefill_batch, setup.prefill_len, setup.nheads, setup.headdim, setup.dstate,
+                             setup.ngroups)
+    bf16 = dict(device=setup.device, dtype=torch.bfloat16)
+    x, dt = torch.randn(b, length, h, p, **bf16), torch.randn(b, length, h, **bf16)
+    B, C = torch.randn(b, length, g, n, **bf16), torch.randn(b, length, g, n, **bf16)
+    params = model_params(setup)
+    calls = {"ssd_scan": lambda: ssd_scan_triton(x, dt, params["A"], B, C, params["D"], params["dt_bias"],
+                                                 chunk_size=setup.chunk_size)}
+    theirs, _ = mamba_chunk_scan()
+    if theirs is not None:
+        calls["mamba_chunk_scan_combined"] = lambda: theirs(x, dt, params["A"], B, C, setup.chunk_size, D=params["D"],
+                                                            dt_bias=params["dt_bias"], dt_softplus=True,
+                                                            return_final_states=True)
+    out = []
+    for name, call in calls.items():
+        call()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                call()
+            torch.cuda.synchronize()
+        out.append(f"{name}, 5 calls:\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=10))
+    return "\n".join(out)
+
+
+def tune(setup: Setup, peak: float) -> None:
+    """The decode step and the prefill scan under each launch variant, then where prefill's time goes."""
+    step_module, scan_module = (importlib.import_module(f"rollout.kernels.{m}") for m in ("state_update", "ssd_scan"))
+    quick = replace(setup, decode_batches=(1, 16, 64, 256) if setup.device == "cuda" else (1, 2),
+                    iters=max(setup.iters // 4, 2))
+    for block_p, num_warps in product((4, 8, 16, 32), (2, 4, 8)):
+        step_module.STEP_LAUNCH = step_module.StepLaunch(block_p, num_warps)
+        print(f"decode, block_p {block_p}, num_warps {num_warps}\n{decode(quick, peak)}\n", flush=True)
+    step_module.STEP_LAUNCH = step_module.StepLaunch()
+    for low, scan_k, num_warps in product((False, True), (16, 32, 64), (4, 8)):
+        scan_module.DOT_LAUNCH = scan_module.DotLaunch(scan_block_k=scan_k, num_warps=num_warps, low_precision=low)
+        print(f"{scan_module.DOT_LAUNCH}\n{prefill(quick, baseline=False)}\n", flush=True)
+    scan_module.DOT_LAUNCH = scan_module.DotLaunch()
+    if setup.device == "cuda":
+        print(kernel_profile(setup))
+
+
 def header(setup: Setup) -> str:
     if setup.device == "cuda":
         device = torch.cuda.get_device_name()
@@ -216,6 +262,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="run every code path at tiny shapes on CPU under TRITON_INTERPRET=1")
+    parser.add_argument("--tune", action="store_true",
+                        help="time the kernels under each launch variant and profile the prefill scan per kernel")
     parser.add_argument("--mamba-src", metavar="DIR",
                         help="import the mamba_ssm baseline from this source tree (an unpacked sdist or a clone)")
     args = parser.parse_args()
@@ -228,6 +276,9 @@ def main() -> None:
     print(header(setup))
     peak = peak_bandwidth(setup)
     print(f"peak bandwidth, device-to-device copy of {setup.copy_bytes / 2 ** 20:g} MiB: {peak / 1e9:.1f} GB/s\n")
+    if args.tune:
+        tune(setup, peak)
+        return
     failed = False
     for part in (lambda: decode(setup, peak), lambda: prefill(setup)):   # a failing part leaves the other its run
         try:

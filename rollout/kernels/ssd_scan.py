@@ -16,6 +16,7 @@ is computed inside the chunk scan instead of being written out per chunk and rea
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -77,7 +78,7 @@ def _chunk_state_kernel(
     stride_x_t, stride_x_h, stride_B_t, stride_B_g, stride_dt_h, stride_dt_c, stride_s_c, stride_s_h, stride_s_p,
     # Meta-parameters
     CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """The state one chunk leaves from a zero start, sum_k exp(dA_last - dA_k) dt_k x_k ⊗ B_k, for a
     (headdim, dstate) block of one head."""
@@ -110,7 +111,7 @@ def _chunk_state_kernel(
         dt_k = tl.load(dt_ptr + offs_k, mask=mask_k, other=0.0)
         # The exponent is <= 0 in exact arithmetic; clamping keeps cumsum rounding from overflowing it.
         scale = tl.exp(tl.minimum(dA_last - dA_k, 0.0)) * dt_k
-        acc += tl.dot(xt, b * scale[:, None], input_precision=DOT_PRECISION)
+        acc += tl.dot(xt.to(DOT_DTYPE), (b * scale[:, None]).to(DOT_DTYPE), input_precision=DOT_PRECISION)
     tl.store(states_ptr + pid_c * stride_s_c + pid_h * stride_s_h + offs_p[:, None] * stride_s_p + offs_n[None, :],
              acc, mask=mask_p[:, None] & mask_n[None, :])
 
@@ -158,7 +159,7 @@ def _chunk_scan_kernel(
     stride_s_c, stride_s_h, stride_s_p, stride_y_t, stride_y_h,
     # Meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DSTATE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """y for a (rows, headdim) block of one chunk and head: the entering state read through C and decayed
     to each row, plus the causal in-chunk term sum_{k<=m} (C_m·B_k) exp(dA_m - dA_k) dt_k x_k, plus D x."""
@@ -186,24 +187,24 @@ def _chunk_scan_kernel(
 
     dA_m = tl.load(dA_cs_ptr + offs_m, mask=mask_m, other=0.0)
     c = tl.load(C_ptr + offs_m[:, None] * stride_C_t + offs_n[None, :], mask=mask_m[:, None] & mask_n[None, :],
-                other=0.0).to(tl.float32)
+                other=0.0).to(DOT_DTYPE)
     entering = tl.load(states_ptr + pid_c * stride_s_c + pid_h * stride_s_h + offs_p[None, :] * stride_s_p
                        + offs_n[:, None], mask=mask_n[:, None] & mask_p[None, :], other=0.0)
-    acc = tl.dot(c, entering, input_precision=DOT_PRECISION) * tl.exp(tl.minimum(dA_m, 0.0))[:, None]
+    acc = tl.dot(c, entering.to(DOT_DTYPE), input_precision=DOT_PRECISION) * tl.exp(tl.minimum(dA_m, 0.0))[:, None]
 
     for k0 in range(0, tl.minimum((pid_m + 1) * BLOCK_M, length), BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < length
         bt = tl.load(B_ptr + offs_k[None, :] * stride_B_t + offs_n[:, None], mask=mask_n[:, None] & mask_k[None, :],
-                     other=0.0).to(tl.float32)
+                     other=0.0).to(DOT_DTYPE)
         dA_k = tl.load(dA_cs_ptr + offs_k, mask=mask_k, other=0.0)
         dt_k = tl.load(dt_ptr + offs_k, mask=mask_k, other=0.0)
         scale = tl.exp(tl.minimum(dA_m[:, None] - dA_k[None, :], 0.0)) * dt_k[None, :]
         cb = tl.dot(c, bt, input_precision=DOT_PRECISION)
         cb = tl.where(offs_m[:, None] >= offs_k[None, :], cb * scale, 0.0)
         xk = tl.load(x_ptr + offs_k[:, None] * stride_x_t + offs_p[None, :], mask=mask_k[:, None] & mask_p[None, :],
-                     other=0.0).to(tl.float32)
-        acc += tl.dot(cb, xk, input_precision=DOT_PRECISION)
+                     other=0.0).to(DOT_DTYPE)
+        acc += tl.dot(cb.to(DOT_DTYPE), xk, input_precision=DOT_PRECISION)
 
     mask = mask_m[:, None] & mask_p[None, :]
     x = tl.load(x_ptr + offs_m[:, None] * stride_x_t + offs_p[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -212,10 +213,24 @@ def _chunk_scan_kernel(
              acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-# Block sizes are set by hand, not yet timed on a GPU: with these the two tl.dot kernels compile for sm_90 at
-# Nemotron-H shapes (headdim 64, dstate 128, chunk 128) with no register spills for either dot precision
-# (ptxas -v); dstate 256 would spill in the chunk scan.
-_DOT_LAUNCH = dict(num_warps=8, num_stages=2)
+@dataclass(frozen=True)
+class DotLaunch:
+    """Block sizes and launch settings of the two ``tl.dot`` kernels (chunk state, chunk scan). ``ssd_scan``
+    reads the module's ``DOT_LAUNCH``; ``python -m bench.bench_kernels --tune`` times variants on a GPU."""
+
+    state_block_k: int = 32      # tokens per step of the chunk-state loop
+    scan_block_k: int = 16       # tokens per step of the chunk-scan loop
+    num_warps: int = 8
+    num_stages: int = 2
+    # bf16/fp16 inputs on a GPU: dot operands in that dtype with fp32 accumulation, as mamba_ssm does,
+    # instead of fp32 operands at TF32 (Triton's interpreter multiplies bf16 operands as raw bits, so the
+    # CPU path always keeps fp32 operands).
+    low_precision: bool = False
+
+
+# With these the two tl.dot kernels compile for sm_90 at Nemotron-H shapes (headdim 64, dstate 128, chunk
+# 128) with no register spills for either dot precision (ptxas -v); dstate 256 would spill in the chunk scan.
+DOT_LAUNCH = DotLaunch()
 
 
 def _block(size: int, cap: int) -> int:
@@ -228,6 +243,9 @@ def _dot_precision(dtype: torch.dtype) -> str:
     exactly, so C·Bᵀ is exact and only the fp32 operands (states, decay-scaled terms) are rounded to TF32. The
     operands are always fp32: Triton's interpreter (3.9) multiplies bf16 dot operands as raw bits."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+_LOW_PRECISION = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def _inner_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -279,6 +297,10 @@ def _ssd_scan_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
     final = torch.empty(nseq, nheads, headdim, dstate, **f32)
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     per_group, precision = nheads // ngroups, _dot_precision(x.dtype)
+    launch = DOT_LAUNCH
+    low = launch.low_precision and x.is_cuda and x.dtype in _LOW_PRECISION
+    dots = dict(DOT_DTYPE=_LOW_PRECISION[x.dtype] if low else tl.float32, DOT_PRECISION=precision,
+                num_warps=launch.num_warps, num_stages=launch.num_stages)
 
     block_h = _block(nheads, 16)
     _chunk_cumsum_kernel[(nchunks, triton.cdiv(nheads, block_h))](
@@ -294,8 +316,7 @@ def _ssd_scan_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
         headdim, dstate, per_group,
         x.stride(0), x.stride(1), B.stride(0), B.stride(1), dt_out.stride(1), dt_out.stride(0),
         states.stride(0), states.stride(1), states.stride(2),
-        CHUNK=chunk_size, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_K=_block(chunk_size, 32),
-        DOT_PRECISION=precision, **_DOT_LAUNCH)
+        CHUNK=chunk_size, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_K=_block(chunk_size, launch.state_block_k), **dots)
 
     block = _block(headdim * dstate, 512)
     init = initial_states if initial_states is not None else final    # a placeholder pointer when absent
@@ -313,8 +334,8 @@ def _ssd_scan_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
         headdim, dstate, per_group,
         x.stride(0), x.stride(1), B.stride(0), B.stride(1), C.stride(0), C.stride(1), dt_out.stride(1),
         dt_out.stride(0), states.stride(0), states.stride(1), states.stride(2), y.stride(0), y.stride(1),
-        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_K=16, BLOCK_DSTATE=triton.next_power_of_2(max(dstate, 16)),
-        DOT_PRECISION=precision, **_DOT_LAUNCH)
+        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_K=_block(chunk_size, launch.scan_block_k),
+        BLOCK_DSTATE=triton.next_power_of_2(max(dstate, 16)), **dots)
     return y, final
 
 

@@ -13,6 +13,8 @@ a kernel that updates the state in place.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -63,15 +65,28 @@ def _state_update_kernel(
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_p)
 
 
+@dataclass(frozen=True)
+class StepLaunch:
+    """The decode step's launch; ``selective_state_update`` reads the module's ``STEP_LAUNCH``, and
+    ``python -m bench.bench_kernels --tune`` times variants on a GPU. None: mamba_ssm's hand-tuned
+    (headdim block, warps) per dstate, which keep the state block of a program in registers."""
+
+    block_p: int | None = None    # headdim rows per program
+    num_warps: int | None = None
+
+
+STEP_LAUNCH = StepLaunch()
+
+
 def _state_update_fwd(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                       C: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, slot_idx: torch.Tensor | None,
                       dt_limit: tuple[float, float], y: torch.Tensor) -> None:
-    """Launches the step; mamba_ssm's hand-tuned (headdim block, warps) per dstate keep the state block of a
-    program in registers."""
+    """Launches the step with ``STEP_LAUNCH``."""
     batch, nheads, headdim = x.shape
     ngroups, dstate = B.shape[1:]
     block_p, num_warps = ((32, 4) if dstate <= 16 else (16, 4) if dstate <= 32 else (8, 4) if dstate <= 64
                           else (4, 4) if dstate <= 128 else (4, 8))
+    block_p, num_warps = STEP_LAUNCH.block_p or block_p, STEP_LAUNCH.num_warps or num_warps
     _state_update_kernel[(triton.cdiv(headdim, block_p), batch, nheads)](
         state, x, dt, A, B, C, D, dt_bias, slot_idx, y,
         headdim, dstate, nheads // ngroups, float(dt_limit[0]), float(dt_limit[1]),
