@@ -241,10 +241,15 @@ def tune(setup: Setup, peak: float) -> None:
         step_module.STEP_LAUNCH = step_module.StepLaunch(block_p, num_warps)
         print(f"decode, block_p {block_p}, num_warps {num_warps}\n{decode(quick, peak)}\n", flush=True)
     step_module.STEP_LAUNCH = step_module.StepLaunch()
-    for low, scan_k, num_warps in product((False, True), (16, 32, 64), (4, 8)):
-        scan_module.DOT_LAUNCH = scan_module.DotLaunch(scan_block_k=scan_k, num_warps=num_warps, low_precision=low)
-        print(f"{scan_module.DOT_LAUNCH}\n{prefill(quick, baseline=False)}\n", flush=True)
-    scan_module.DOT_LAUNCH = scan_module.DotLaunch()
+    Launch = scan_module.ScanLaunch
+    variants = [Launch(scan_block_k=k, num_warps=w, low_precision=low)
+                for low, k, w in product((False, True), (16, 32, 64), (4, 8))]
+    variants += [Launch(state_block_n=128), Launch(state_block_k=64), Launch(num_stages=3), Launch(num_stages=4),
+                 *(Launch(passing_block=b) for b in (256, 1024, 2048))]
+    for launch in variants:
+        scan_module.LAUNCH = launch
+        print(f"{launch}\n{prefill(quick, baseline=False)}\n", flush=True)
+    scan_module.LAUNCH = Launch()
     if setup.device == "cuda":
         print(kernel_profile(setup))
 

@@ -36,7 +36,7 @@ from rollout.kernels import (causal_conv1d_ref, causal_conv1d_triton, causal_con
                              ssd_scan_ref, ssd_scan_triton)
 from rollout.engine import RolloutEngine
 from rollout.kernels.conv1d import _conv1d_kernel, _conv1d_update_kernel
-from rollout.kernels.ssd_scan import (DOT_LAUNCH, _chunk_cumsum_kernel, _chunk_scan_kernel, _chunk_state_kernel,
+from rollout.kernels.ssd_scan import (LAUNCH, _chunk_cumsum_kernel, _chunk_scan_kernel, _chunk_state_kernel,
                                       _state_passing_kernel)
 from rollout.kernels.state_update import _state_update_kernel
 from rollout.sampling import SamplingParams
@@ -199,19 +199,19 @@ def compile_sm90(kernel: Callable, io_ptrs: tuple[str, ...], constexprs: dict, o
 
 
 ACTIVATIONS = ("x_ptr", "B_ptr", "C_ptr", "y_ptr", "out_ptr")
-DOTS = dict(num_warps=DOT_LAUNCH.num_warps, num_stages=DOT_LAUNCH.num_stages)
+DOTS = dict(num_warps=LAUNCH.num_warps, num_stages=LAUNCH.num_stages)
 DOT_DTYPES = (triton.language.float32, triton.language.bfloat16)   # fp32 operands, and low_precision's
 SM90: dict[str, Callable[[], None]] = {
     "sm90/chunk_cumsum": partial(compile_sm90, _chunk_cumsum_kernel, ("dt_ptr",),
                                  dict(CHUNK=128, BLOCK_H=16, BLOCK_Q=128)),
     **{f"sm90/chunk_state-{dtype}": partial(compile_sm90, _chunk_state_kernel, ACTIVATIONS,
-                                            dict(CHUNK=128, BLOCK_P=64, BLOCK_N=64, BLOCK_K=DOT_LAUNCH.state_block_k,
+                                            dict(CHUNK=128, BLOCK_P=64, BLOCK_N=64, BLOCK_K=LAUNCH.state_block_k,
                                                  DOT_DTYPE=dtype, DOT_PRECISION="tf32"), DOTS)
        for dtype in DOT_DTYPES},
     "sm90/state_passing": partial(compile_sm90, _state_passing_kernel, (),
                                   dict(CHUNK=128, HAS_INIT=True, BLOCK=512)),
     **{f"sm90/chunk_scan-{dtype}": partial(compile_sm90, _chunk_scan_kernel, ACTIVATIONS,
-                                           dict(BLOCK_M=64, BLOCK_P=64, BLOCK_K=DOT_LAUNCH.scan_block_k, BLOCK_DSTATE=128,
+                                           dict(BLOCK_M=64, BLOCK_P=64, BLOCK_K=LAUNCH.scan_block_k, BLOCK_DSTATE=128,
                                                 DOT_DTYPE=dtype, DOT_PRECISION="tf32"), DOTS)
        for dtype in DOT_DTYPES},
     "sm90/state_update": partial(compile_sm90, _state_update_kernel, (*ACTIVATIONS, "dt_ptr"),

@@ -214,13 +214,15 @@ def _chunk_scan_kernel(
 
 
 @dataclass(frozen=True)
-class DotLaunch:
-    """Block sizes and launch settings of the two ``tl.dot`` kernels (chunk state, chunk scan). ``ssd_scan``
-    reads the module's ``DOT_LAUNCH``; ``python -m bench.bench_kernels --tune`` times variants on a GPU."""
+class ScanLaunch:
+    """Block sizes and launch settings of the scan's kernels. ``ssd_scan`` reads the module's ``LAUNCH``;
+    ``python -m bench.bench_kernels --tune`` times variants on a GPU."""
 
     state_block_k: int = 32      # tokens per step of the chunk-state loop
+    state_block_n: int = 64      # dstate columns per chunk-state program
+    passing_block: int = 512     # state elements per state-passing program
     scan_block_k: int = 16       # tokens per step of the chunk-scan loop
-    num_warps: int = 8
+    num_warps: int = 8           # of the two tl.dot kernels (chunk state, chunk scan)
     num_stages: int = 2
     # bf16/fp16 inputs on a GPU: dot operands in that dtype with fp32 accumulation, as mamba_ssm does,
     # instead of fp32 operands at TF32 (Triton's interpreter multiplies bf16 operands as raw bits, so the
@@ -230,7 +232,7 @@ class DotLaunch:
 
 # With these the two tl.dot kernels compile for sm_90 at Nemotron-H shapes (headdim 64, dstate 128, chunk
 # 128) with no register spills for either dot precision (ptxas -v); dstate 256 would spill in the chunk scan.
-DOT_LAUNCH = DotLaunch()
+LAUNCH = ScanLaunch()
 
 
 def _block(size: int, cap: int) -> int:
@@ -297,7 +299,7 @@ def _ssd_scan_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
     final = torch.empty(nseq, nheads, headdim, dstate, **f32)
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     per_group, precision = nheads // ngroups, _dot_precision(x.dtype)
-    launch = DOT_LAUNCH
+    launch = LAUNCH
     low = launch.low_precision and x.is_cuda and x.dtype in _LOW_PRECISION
     dots = dict(DOT_DTYPE=_LOW_PRECISION[x.dtype] if low else tl.float32, DOT_PRECISION=precision,
                 num_warps=launch.num_warps, num_stages=launch.num_stages)
@@ -309,7 +311,7 @@ def _ssd_scan_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
         dt.stride(0), dt.stride(1), dt_out.stride(1), dt_out.stride(0),
         CHUNK=chunk_size, BLOCK_H=block_h, BLOCK_Q=triton.next_power_of_2(chunk_size))
 
-    block_p, block_n = _block(headdim, 64), _block(dstate, 64)
+    block_p, block_n = _block(headdim, 64), _block(dstate, launch.state_block_n)
     grid = (triton.cdiv(headdim, block_p) * triton.cdiv(dstate, block_n), nchunks, nheads)
     _chunk_state_kernel[grid](
         x, B, dt_out, dA_cs, start, length, states,
@@ -318,7 +320,7 @@ def _ssd_scan_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
         states.stride(0), states.stride(1), states.stride(2),
         CHUNK=chunk_size, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_K=_block(chunk_size, launch.state_block_k), **dots)
 
-    block = _block(headdim * dstate, 512)
+    block = _block(headdim * dstate, launch.passing_block)
     init = initial_states if initial_states is not None else final    # a placeholder pointer when absent
     _state_passing_kernel[(triton.cdiv(headdim * dstate, block), nseq, nheads)](
         states, dA_cs, cu_chunks, init, final,
