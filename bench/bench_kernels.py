@@ -242,8 +242,8 @@ def tune(setup: Setup, peak: float) -> None:
         print(f"decode, block_p {block_p}, num_warps {num_warps}\n{decode(quick, peak)}\n", flush=True)
     step_module.STEP_LAUNCH = step_module.StepLaunch()
     Launch = scan_module.ScanLaunch
-    variants = [Launch(scan_block_k=k, num_warps=w, low_precision=low)
-                for low, k, w in product((False, True), (16, 32, 64), (4, 8))]
+    variants = [Launch(scan_block_k=k, num_warps=w, low_precision=low, precompute_cb=cb)
+                for cb, low, k, w in product((False, True), (False, True), (16, 32, 64), (4, 8))]
     variants += [Launch(state_block_n=128), Launch(state_block_k=64), Launch(num_stages=3), Launch(num_stages=4),
                  *(Launch(passing_block=b) for b in (256, 1024, 2048))]
     for launch in variants:

@@ -51,7 +51,9 @@ def plan(is_attention: list[bool]) -> list[Stretch | int]:
     current: list[int] = []
     for i, attention in enumerate(is_attention):
         if attention:
-            steps += [Stretch(tuple(current), embed=not steps, logits=False), i]
+            if current or not steps:     # two attention layers in a row have nothing to replay between them
+                steps.append(Stretch(tuple(current), embed=not steps, logits=False))
+            steps.append(i)
             current = []
         else:
             current.append(i)

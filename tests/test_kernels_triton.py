@@ -36,7 +36,7 @@ from rollout.kernels import (causal_conv1d_ref, causal_conv1d_triton, causal_con
                              ssd_scan_ref, ssd_scan_triton)
 from rollout.engine import RolloutEngine
 from rollout.kernels.conv1d import _conv1d_kernel, _conv1d_update_kernel
-from rollout.kernels.ssd_scan import (LAUNCH, _chunk_cumsum_kernel, _chunk_scan_kernel, _chunk_state_kernel,
+from rollout.kernels.ssd_scan import (LAUNCH, ScanLaunch, _chunk_cb_kernel, _chunk_cumsum_kernel, _chunk_scan_kernel, _chunk_state_kernel,
                                       _state_passing_kernel)
 from rollout.kernels.state_update import _state_update_kernel
 from rollout.sampling import SamplingParams
@@ -68,8 +68,9 @@ def layout(t: torch.Tensor, strided: bool) -> torch.Tensor:
 
 def check_ssd_scan(T: int, chunk: int, *, batch: int = 1, G: int = 2, P: int = 8, N: int = 6,
                    cu: tuple[int, ...] | None = None, dtype: torch.dtype = F32, decay: float = 0.0,
-                   strided: bool = False) -> None:
-    """y and every sequence's final state, from random initial states; ``decay`` pushes dt up and A down."""
+                   strided: bool = False, launch: ScanLaunch = ScanLaunch()) -> None:
+    """y and every sequence's final state, from random initial states; ``decay`` pushes dt up and A down.
+    ``launch``: the kernels' launch settings (every variant ``bench_kernels --tune`` times must be right)."""
     g = torch.Generator().manual_seed(T * chunk)
     nseq = batch if cu is None else len(cu) - 1
     a = dict(x=randn(g, batch, T, H, P, dtype=dtype), dt=randn(g, batch, T, H) + decay,
@@ -78,7 +79,9 @@ def check_ssd_scan(T: int, chunk: int, *, batch: int = 1, G: int = 2, P: int = 8
     a = {k: layout(v, strided and v.dim() > 1) for k, v in a.items()}
     kw = dict(chunk_size=chunk, dt_limit=LIMIT, initial_states=randn(g, nseq, H, P, N),
               cu_seqlens=None if cu is None else torch.tensor(cu))
-    (y, final), (want_y, want_final) = ssd_scan_triton(**a, **kw), ssd_scan_ref(**a, **kw)
+    with mock.patch.object(importlib.import_module("rollout.kernels.ssd_scan"), "LAUNCH", launch):
+        y, final = ssd_scan_triton(**a, **kw)
+    want_y, want_final = ssd_scan_ref(**a, **kw)
     assert_close(y, want_y)
     assert_close(final, want_final)
 
@@ -162,6 +165,17 @@ CASES: dict[str, Callable[[], None]] = {
                                                         strided=True),
     "ssd_scan/bf16": partial(check_ssd_scan, 37, 16, batch=2, dtype=BF16),
     "ssd_scan/strong-decay": partial(check_ssd_scan, 64, 32, decay=30.0),
+    # C·Bᵀ from its own kernel: chunks of 12 (columns masked), 128 (two row blocks), packed and strided, bf16
+    "ssd_scan/precompute-cb-chunk12": partial(check_ssd_scan, 29, 12, launch=ScanLaunch(precompute_cb=True)),
+    "ssd_scan/precompute-cb-T150-chunk128-headdim80": partial(check_ssd_scan, 150, 128, G=1, P=80, N=16,
+                                                              launch=ScanLaunch(precompute_cb=True)),
+    "ssd_scan/precompute-cb-packed-strided": partial(check_ssd_scan, 53, 16, cu=(0, 16, 50, 53), strided=True,
+                                                     launch=ScanLaunch(precompute_cb=True)),
+    "ssd_scan/precompute-cb-bf16": partial(check_ssd_scan, 37, 16, batch=2, dtype=BF16,
+                                           launch=ScanLaunch(precompute_cb=True)),
+    "ssd_scan/other-blocks": partial(check_ssd_scan, 150, 128, G=1, P=80, N=16,
+                                     launch=ScanLaunch(state_block_k=64, state_block_n=128, scan_block_k=64,
+                                                       passing_block=256)),
     "state_update/ngroups2-padding": partial(check_state_update),
     "state_update/ngroups1-headdim20-dstate32-strided": partial(check_state_update, slots=(1, 5, -1), G=1, P=20,
                                                                 N=32, strided=True),
@@ -210,9 +224,14 @@ SM90: dict[str, Callable[[], None]] = {
        for dtype in DOT_DTYPES},
     "sm90/state_passing": partial(compile_sm90, _state_passing_kernel, (),
                                   dict(CHUNK=128, HAS_INIT=True, BLOCK=512)),
-    **{f"sm90/chunk_scan-{dtype}": partial(compile_sm90, _chunk_scan_kernel, ACTIVATIONS,
-                                           dict(BLOCK_M=64, BLOCK_P=64, BLOCK_K=LAUNCH.scan_block_k, BLOCK_DSTATE=128,
-                                                DOT_DTYPE=dtype, DOT_PRECISION="tf32"), DOTS)
+    **{f"sm90/chunk_scan-{dtype}-precomputed-cb-{cb}": partial(
+        compile_sm90, _chunk_scan_kernel, ACTIVATIONS,
+        dict(BLOCK_M=64, BLOCK_P=64, BLOCK_K=LAUNCH.scan_block_k, BLOCK_DSTATE=128, PRECOMPUTED_CB=cb,
+             DOT_DTYPE=dtype, DOT_PRECISION="tf32"), DOTS)
+       for dtype in DOT_DTYPES for cb in (False, True)},
+    **{f"sm90/chunk_cb-{dtype}": partial(compile_sm90, _chunk_cb_kernel, ACTIVATIONS,
+                                         dict(CHUNK=128, BLOCK_M=64, BLOCK_Q=128, BLOCK_DSTATE=128, DOT_DTYPE=dtype,
+                                              DOT_PRECISION="tf32"), DOTS)
        for dtype in DOT_DTYPES},
     "sm90/state_update": partial(compile_sm90, _state_update_kernel, (*ACTIVATIONS, "dt_ptr"),
                                  dict(HAS_SLOTS=True, BLOCK_P=4, BLOCK_N=128)),

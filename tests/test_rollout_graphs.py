@@ -26,6 +26,9 @@ def test_plan_cuts_the_step_at_attention_layers():
         Stretch((), embed=False, logits=True)]
     assert plan([True, False]) == [Stretch((), embed=True, logits=False), 0, Stretch((1,), embed=False, logits=True)]
     assert plan([False, False]) == [Stretch((0, 1), embed=True, logits=True)]
+    # Nothing to record between two attention layers in a row (a Transformer's pattern is all of them).
+    assert plan([False, True, True, False]) == [
+        Stretch((0,), embed=True, logits=False), 1, 2, Stretch((3,), embed=False, logits=True)]
 
 
 def generate_both(model, tokenizer, device: str, capture: bool) -> tuple[list, list, RolloutEngine]:

@@ -10,8 +10,9 @@ The Triton op runs four kernels, as mamba_ssm does: chunk cumsum (dt and its run
 (what each chunk adds to the state), state passing (the only serial loop, per sequence over its chunks)
 and chunk scan (the outputs). Unlike mamba_ssm, chunks are cut per sequence (as in the reference, and
 vLLM's varlen design): a chunk never holds two sequences, so a packed row needs no in-kernel resets, the
-state passing starts each sequence from its own initial state and ends on its own final state, and C·Bᵀ
-is computed inside the chunk scan instead of being written out per chunk and read back per head.
+state passing starts each sequence from its own initial state and ends on its own final state. By default
+C·Bᵀ is computed inside the chunk scan, per head; ``ScanLaunch.precompute_cb`` computes it once per chunk
+and group in a fifth kernel, as mamba_ssm does, which frees the chunk scan's registers that held C.
 """
 
 from __future__ import annotations
@@ -149,17 +150,51 @@ def _state_passing_kernel(
 
 
 @triton.jit
+def _chunk_cb_kernel(
+    # Pointers
+    B_ptr, C_ptr, chunk_start_ptr, chunk_len_ptr, cb_ptr,
+    # Dimensions
+    dstate,
+    # Strides
+    stride_B_t, stride_B_g, stride_C_t, stride_C_g, stride_cb_c, stride_cb_g, stride_cb_m,
+    # Meta-parameters
+    CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_DSTATE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """C·Bᵀ of one chunk and group for a block of rows, every column: what each head of the group reads in
+    the chunk scan (``ScanLaunch.precompute_cb``). Rows and columns past the chunk's end come out 0."""
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1).to(tl.int64)
+    pid_g = tl.program_id(2).to(tl.int64)
+    length = tl.load(chunk_len_ptr + pid_c)
+    if length == 0:     # a spare row of the chunk table, never read
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_Q)
+    offs_n = tl.arange(0, BLOCK_DSTATE)
+    start = tl.load(chunk_start_ptr + pid_c)
+    mask_n = offs_n < dstate
+    c = tl.load(C_ptr + (start + offs_m)[:, None] * stride_C_t + pid_g * stride_C_g + offs_n[None, :],
+                mask=(offs_m < length)[:, None] & mask_n[None, :], other=0.0)
+    bt = tl.load(B_ptr + (start + offs_k)[None, :] * stride_B_t + pid_g * stride_B_g + offs_n[:, None],
+                 mask=mask_n[:, None] & (offs_k < length)[None, :], other=0.0)
+    cb = tl.dot(c.to(DOT_DTYPE), bt.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+    tl.store(cb_ptr + pid_c * stride_cb_c + pid_g * stride_cb_g + offs_m[:, None] * stride_cb_m + offs_k[None, :],
+             cb.to(cb_ptr.dtype.element_ty), mask=(offs_m < CHUNK)[:, None] & (offs_k < CHUNK)[None, :])
+
+
+@triton.jit
 def _chunk_scan_kernel(
     # Pointers
-    x_ptr, B_ptr, C_ptr, dt_ptr, dA_cs_ptr, states_ptr, D_ptr, chunk_start_ptr, chunk_len_ptr, y_ptr,
+    x_ptr, B_ptr, C_ptr, dt_ptr, dA_cs_ptr, states_ptr, D_ptr, chunk_start_ptr, chunk_len_ptr, cb_ptr, y_ptr,
     # Dimensions
     headdim, dstate, heads_per_group,
     # Strides
     stride_x_t, stride_x_h, stride_B_t, stride_B_g, stride_C_t, stride_C_g, stride_dt_h, stride_dt_c,
-    stride_s_c, stride_s_h, stride_s_p, stride_y_t, stride_y_h,
+    stride_s_c, stride_s_h, stride_s_p, stride_cb_c, stride_cb_g, stride_cb_m, stride_y_t, stride_y_h,
     # Meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DSTATE: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PRECOMPUTED_CB: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """y for a (rows, headdim) block of one chunk and head: the entering state read through C and decayed
     to each row, plus the causal in-chunk term sum_{k<=m} (C_m·B_k) exp(dA_m - dA_k) dt_k x_k, plus D x."""
@@ -181,6 +216,7 @@ def _chunk_scan_kernel(
     C_ptr += start * stride_C_t + group * stride_C_g
     dt_ptr += pid_h * stride_dt_h + pid_c * stride_dt_c
     dA_cs_ptr += pid_h * stride_dt_h + pid_c * stride_dt_c
+    cb_ptr += pid_c * stride_cb_c + group * stride_cb_g
     mask_m = offs_m < length
     mask_p = offs_p < headdim
     mask_n = offs_n < dstate
@@ -195,12 +231,16 @@ def _chunk_scan_kernel(
     for k0 in range(0, tl.minimum((pid_m + 1) * BLOCK_M, length), BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < length
-        bt = tl.load(B_ptr + offs_k[None, :] * stride_B_t + offs_n[:, None], mask=mask_n[:, None] & mask_k[None, :],
-                     other=0.0).to(DOT_DTYPE)
+        if PRECOMPUTED_CB:
+            cb = tl.load(cb_ptr + offs_m[:, None] * stride_cb_m + offs_k[None, :],
+                         mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        else:
+            bt = tl.load(B_ptr + offs_k[None, :] * stride_B_t + offs_n[:, None],
+                         mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(DOT_DTYPE)
+            cb = tl.dot(c, bt, input_precision=DOT_PRECISION)
         dA_k = tl.load(dA_cs_ptr + offs_k, mask=mask_k, other=0.0)
         dt_k = tl.load(dt_ptr + offs_k, mask=mask_k, other=0.0)
         scale = tl.exp(tl.minimum(dA_m[:, None] - dA_k[None, :], 0.0)) * dt_k[None, :]
-        cb = tl.dot(c, bt, input_precision=DOT_PRECISION)
         cb = tl.where(offs_m[:, None] >= offs_k[None, :], cb * scale, 0.0)
         xk = tl.load(x_ptr + offs_k[:, None] * stride_x_t + offs_p[None, :], mask=mask_k[:, None] & mask_p[None, :],
                      other=0.0).to(DOT_DTYPE)
@@ -224,6 +264,9 @@ class ScanLaunch:
     scan_block_k: int = 16       # tokens per step of the chunk-scan loop
     num_warps: int = 8           # of the two tl.dot kernels (chunk state, chunk scan)
     num_stages: int = 2
+    # C·Bᵀ of each chunk and group in a kernel of its own, written out and read by each of the group's heads
+    # (mamba_ssm's way), instead of computed again per head inside the chunk scan.
+    precompute_cb: bool = False
     # bf16/fp16 inputs on a GPU: dot operands in that dtype with fp32 accumulation, as mamba_ssm does,
     # instead of fp32 operands at TF32 (Triton's interpreter multiplies bf16 operands as raw bits, so the
     # CPU path always keeps fp32 operands).
@@ -329,15 +372,26 @@ def _ssd_scan_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
         final.stride(0), final.stride(1),
         CHUNK=chunk_size, HAS_INIT=initial_states is not None, BLOCK=block)
 
-    block_m = _block(chunk_size, 64)
+    block_m, block_dstate = _block(chunk_size, 64), triton.next_power_of_2(max(dstate, 16))
+    cb = y      # a placeholder pointer when the chunk scan computes C·Bᵀ itself
+    if launch.precompute_cb:
+        cb = torch.empty(nchunks, ngroups, chunk_size, chunk_size, device=x.device,
+                         dtype=x.dtype if low else torch.float32)
+        _chunk_cb_kernel[(triton.cdiv(chunk_size, block_m), nchunks, ngroups)](
+            B, C, start, length, cb,
+            dstate,
+            B.stride(0), B.stride(1), C.stride(0), C.stride(1), cb.stride(0), cb.stride(1), cb.stride(2),
+            CHUNK=chunk_size, BLOCK_M=block_m, BLOCK_Q=max(16, triton.next_power_of_2(chunk_size)), BLOCK_DSTATE=block_dstate,
+            **dots)
     grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(headdim, block_p), nchunks, nheads)
     _chunk_scan_kernel[grid](
-        x, B, C, dt_out, dA_cs, states, D, start, length, y,
+        x, B, C, dt_out, dA_cs, states, D, start, length, cb, y,
         headdim, dstate, per_group,
         x.stride(0), x.stride(1), B.stride(0), B.stride(1), C.stride(0), C.stride(1), dt_out.stride(1),
-        dt_out.stride(0), states.stride(0), states.stride(1), states.stride(2), y.stride(0), y.stride(1),
-        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_K=_block(chunk_size, launch.scan_block_k),
-        BLOCK_DSTATE=triton.next_power_of_2(max(dstate, 16)), **dots)
+        dt_out.stride(0), states.stride(0), states.stride(1), states.stride(2),
+        *(cb.stride()[:3] if launch.precompute_cb else (0, 0, 0)), y.stride(0), y.stride(1),
+        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_K=_block(chunk_size, launch.scan_block_k), BLOCK_DSTATE=block_dstate,
+        PRECOMPUTED_CB=launch.precompute_cb, **dots)
     return y, final
 
 
