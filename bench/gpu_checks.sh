@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check of the rollout engine in one command, on a CUDA machine whose Python already has the
-# packages (torch, triton, transformers, accelerate, pytest; mamba-ssm for the prefill baseline):
+# packages (torch, triton, transformers 5.24 or later, accelerate, pytest; mamba-ssm for the prefill baseline):
 #
 #   bash bench/gpu_checks.sh [OUT_DIR]          # default bench/results/gpu; PYTHON=... picks the interpreter
 #                                               # MAMBA_SRC=DIR: the mamba_ssm baseline from a source tree
