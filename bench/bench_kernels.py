@@ -206,7 +206,8 @@ def prefill(setup: Setup, baseline: bool = True) -> str:
 
 
 def kernel_profile(setup: Setup) -> str:
-    """CUDA time per kernel of ssd_scan and of mamba_ssm's fused SSD (when installed), five calls each."""
+    """Time per kernel of ssd_scan and of mamba_ssm's fused SSD (when installed), five calls each (on CPU,
+    the interpreter's PyTorch calls)."""
     b, length, h, p, n, g = (setup.prefill_batch, setup.prefill_len, setup.nheads, setup.headdim, setup.dstate,
                              setup.ngroups)
     bf16 = dict(device=setup.device, dtype=torch.bfloat16)
@@ -223,35 +224,42 @@ def kernel_profile(setup: Setup) -> str:
     out = []
     for name, call in calls.items():
         call()
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        cuda = setup.device == "cuda"
+        activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+        with torch.profiler.profile(activities=[activity]) as prof:
             for _ in range(5):
                 call()
-            torch.cuda.synchronize()
-        out.append(f"{name}, 5 calls:\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=10))
+            if cuda:
+                torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="device_time_total" if cuda else "cpu_time_total", row_limit=10)
+        out.append(f"{name}, 5 calls:\n{table}")
     return "\n".join(out)
 
 
 def tune(setup: Setup, peak: float) -> None:
-    """The decode step and the prefill scan under each launch variant, then where prefill's time goes."""
+    """The decode step and the prefill scan under each launch variant, then where prefill's time goes. On CPU
+    (``--cpu-smoke``) only the first and last variant of each kind run: the interpreter is slow, and two
+    show the code path."""
     step_module, scan_module = (importlib.import_module(f"rollout.kernels.{m}") for m in ("state_update", "ssd_scan"))
-    quick = replace(setup, decode_batches=(1, 16, 64, 256) if setup.device == "cuda" else (1, 2),
-                    iters=max(setup.iters // 4, 2))
-    for block_p, num_warps in product((4, 8, 16, 32), (2, 4, 8)):
-        step_module.STEP_LAUNCH = step_module.StepLaunch(block_p, num_warps)
-        print(f"decode, block_p {block_p}, num_warps {num_warps}\n{decode(quick, peak)}\n", flush=True)
-    step_module.STEP_LAUNCH = step_module.StepLaunch()
+    gpu = setup.device == "cuda"
+    quick = replace(setup, decode_batches=(1, 16, 64, 256) if gpu else (1, 2), iters=max(setup.iters // 4, 2))
+    steps = [step_module.StepLaunch(block_p, num_warps) for block_p, num_warps in product((4, 8, 16, 32), (2, 4, 8))]
     Launch = scan_module.ScanLaunch
-    variants = [Launch(scan_block_k=k, num_warps=w, low_precision=low, precompute_cb=cb)
-                for cb, low, k, w in product((False, True), (False, True), (16, 32, 64), (4, 8))]
-    variants += [Launch(state_block_n=128), Launch(state_block_k=64), Launch(num_stages=3), Launch(num_stages=4),
-                 *(Launch(passing_block=b) for b in (256, 1024, 2048))]
-    for launch in variants:
+    scans = [Launch(scan_block_k=k, num_warps=w, low_precision=low, precompute_cb=cb)
+             for cb, low, k, w in product((False, True), (False, True), (16, 32, 64), (4, 8))]
+    scans += [Launch(state_block_n=128), Launch(state_block_k=64), Launch(num_stages=3), Launch(num_stages=4),
+              *(Launch(passing_block=b) for b in (256, 1024, 2048))]
+    if not gpu:
+        steps, scans = [steps[0], steps[-1]], [scans[0], scans[len(scans) - 8]]   # the last: C·Bᵀ precomputed
+    for launch in steps:
+        step_module.STEP_LAUNCH = launch
+        print(f"{launch}\n{decode(quick, peak)}\n", flush=True)
+    step_module.STEP_LAUNCH = step_module.StepLaunch()
+    for launch in scans:
         scan_module.LAUNCH = launch
         print(f"{launch}\n{prefill(quick, baseline=False)}\n", flush=True)
     scan_module.LAUNCH = Launch()
-    if setup.device == "cuda":
-        print(kernel_profile(setup))
+    print(kernel_profile(setup))
 
 
 def header(setup: Setup) -> str:

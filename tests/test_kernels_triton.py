@@ -324,6 +324,23 @@ def test_bench_cpu_smoke_prints_the_tables() -> None:
     assert any(line.startswith("mamba_ssm") and "skipped" in line for line in lines)
 
 
+@OLD_INTERPRETER
+def test_bench_tune_times_correct_variants() -> None:
+    """``--tune`` on CPU: a table per launch variant it runs, each within one bf16 rounding of the reference
+    (the scan's second variant computes C·Bᵀ in its own kernel), then the prefill profile."""
+    proc = subprocess.run([sys.executable, "-m", "bench.bench_kernels", "--cpu-smoke", "--tune"], cwd=ROOT,
+                          env=compiled_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = proc.stdout.splitlines()
+    variants = [line for line in lines if line.startswith(("StepLaunch(", "ScanLaunch("))]
+    assert len(variants) == 4 and "precompute_cb=True" in variants[-1]
+    decode = [line.split() for line in lines if line.split()[:1] in (["1"], ["2"]) and len(line.split()) == 6]
+    prefill = [line.split() for line in lines if line.startswith("ssd_scan ")]
+    assert len(decode) == 4 and len(prefill) == 2
+    assert all(float(row[-1]) < 1e-2 for row in [*decode, *prefill])
+    assert any(line.startswith("ssd_scan, 5 calls:") for line in lines)
+
+
 def test_baseline_loads_without_the_package_init_a_skip_build_install_breaks(tmp_path, monkeypatch) -> None:
     """As installed with MAMBA_SKIP_CUDA_BUILD=TRUE, mamba_ssm's __init__ imports a CUDA extension that is not
     there; the bench still loads the Triton module it times."""
