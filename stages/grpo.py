@@ -86,9 +86,15 @@ class EngineRollout:
         texts, ids = [rendered[k] for k in keys], [encoded[k] for k in keys]
         params = SamplingParams(max_new_tokens=self.spec.max_new_tokens, temperature=self.spec.temperature,
                                 seed=self._seed(trainer), thinking_budget=self.spec.thinking_budget)
-        start = time.perf_counter()
-        outs = self._engine(trainer).generate(ids, params)
+        engine = self._engine(trainer)
+        before, start = dict(engine.seconds), time.perf_counter()
+        outs = engine.generate(ids, params)
         trainer._log_metric("time/generation_s", time.perf_counter() - start)
+        prefill, decode = (engine.seconds[phase] - before[phase] for phase in ("prefill", "decode"))
+        trainer._log_metric("time/generation_prefill_s", prefill)
+        if decode > 0:      # each reply's first token comes out of its prompt's prefill, the rest out of decode steps
+            new_tokens = sum(len(o.token_ids) for o in outs) - len(outs)
+            trainer._log_metric("rollout/decode_tokens_per_s", new_tokens / decode)
         for mode in ("think", "no_think"):
             chosen = [o for o, t in zip(outs, texts) if reasoning_mode(t) == mode]
             if chosen:

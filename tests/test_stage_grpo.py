@@ -66,6 +66,10 @@ def test_rollout_func_contract_and_weight_sync(tmp_path, tokenizer):
                                                                  tokenize=True, return_dict=False)
     for p, c, lp in zip(out["prompt_ids"], out["completion_ids"], out["logprobs"]):
         torch.testing.assert_close(torch.tensor(lp), policy_logprobs(model, p, c), atol=1e-4, rtol=0)
+    logged = {name: values[-1] for name, values in trainer._pending_metrics.items()}
+    assert 0 < logged["time/generation_prefill_s"] < logged["time/generation_s"]
+    decoded = sum(map(len, out["completion_ids"])) - len(prompts)
+    assert decoded == 0 or logged["rollout/decode_tokens_per_s"] > decoded / logged["time/generation_s"]
 
     trainer.train()                                              # one optimizer step changes the policy
     trainer.vllm_generation.sync_weights()
