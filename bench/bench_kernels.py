@@ -238,19 +238,19 @@ def kernel_profile(setup: Setup) -> str:
 
 def tune(setup: Setup, peak: float) -> None:
     """The decode step and the prefill scan under each launch variant, then where prefill's time goes. On CPU
-    (``--cpu-smoke``) only the first and last variant of each kind run: the interpreter is slow, and two
-    show the code path."""
+    (``--cpu-smoke``) only two variants of each kernel run: the interpreter is slow, and two show the code
+    path."""
     step_module, scan_module = (importlib.import_module(f"rollout.kernels.{m}") for m in ("state_update", "ssd_scan"))
     gpu = setup.device == "cuda"
     quick = replace(setup, decode_batches=(1, 16, 64, 256) if gpu else (1, 2), iters=max(setup.iters // 4, 2))
     steps = [step_module.StepLaunch(block_p, num_warps) for block_p, num_warps in product((4, 8, 16, 32), (2, 4, 8))]
     Launch = scan_module.ScanLaunch
-    scans = [Launch(scan_block_k=k, num_warps=w, low_precision=low, precompute_cb=cb)
-             for cb, low, k, w in product((False, True), (False, True), (16, 32, 64), (4, 8))]
-    scans += [Launch(state_block_n=128), Launch(state_block_k=64), Launch(num_stages=3), Launch(num_stages=4),
-              *(Launch(passing_block=b) for b in (256, 1024, 2048))]
-    if not gpu:
-        steps, scans = [steps[0], steps[-1]], [scans[0], scans[len(scans) - 8]]   # the last: C·Bᵀ precomputed
+    grid = [Launch(scan_block_k=k, num_warps=w, low_precision=low, precompute_cb=cb)
+            for cb, low, k, w in product((False, True), (False, True), (16, 32, 64), (4, 8))]
+    scans = grid + [Launch(state_block_n=128), Launch(state_block_k=64), Launch(num_stages=3), Launch(num_stages=4),
+                    *(Launch(passing_block=b) for b in (256, 1024, 2048))]
+    if not gpu:     # grid[-1] computes C·Bᵀ in its own kernel
+        steps, scans = [steps[0], steps[-1]], [grid[0], grid[-1]]
     for launch in steps:
         step_module.STEP_LAUNCH = launch
         print(f"{launch}\n{decode(quick, peak)}\n", flush=True)

@@ -284,9 +284,9 @@ def _block(size: int, cap: int) -> int:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs keep fp32 products (parity with the reference). bf16/fp16 inputs use TF32, which holds them
-    exactly, so C·Bᵀ is exact and only the fp32 operands (states, decay-scaled terms) are rounded to TF32. The
-    operands are always fp32: Triton's interpreter (3.9) multiplies bf16 dot operands as raw bits."""
+    """The precision of fp32 dot operands. fp32 inputs keep fp32 products (parity with the reference). bf16/fp16
+    inputs, whose operands are fp32 unless ``ScanLaunch.low_precision``, use TF32, which holds them exactly,
+    so C·Bᵀ is exact and only the fp32 operands (states, decay-scaled terms) are rounded to TF32."""
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
