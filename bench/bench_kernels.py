@@ -243,12 +243,14 @@ def tune(setup: Setup, peak: float) -> None:
     step_module, scan_module = (importlib.import_module(f"rollout.kernels.{m}") for m in ("state_update", "ssd_scan"))
     gpu = setup.device == "cuda"
     quick = replace(setup, decode_batches=(1, 16, 64, 256) if gpu else (1, 2), iters=max(setup.iters // 4, 2))
-    steps = [step_module.StepLaunch(block_p, num_warps) for block_p, num_warps in product((4, 8, 16, 32), (2, 4, 8))]
+    steps = [step_module.StepLaunch(block_p, num_warps)
+             for block_p, num_warps in product((4, 8, 16, 32, 64), (2, 4, 8))]
     Launch = scan_module.ScanLaunch
     grid = [Launch(scan_block_k=k, num_warps=w, low_precision=low, precompute_cb=cb)
             for cb, low, k, w in product((False, True), (False, True), (16, 32, 64), (4, 8))]
     scans = grid + [Launch(state_block_n=128), Launch(state_block_k=64), Launch(num_stages=3), Launch(num_stages=4),
-                    *(Launch(passing_block=b) for b in (256, 1024, 2048))]
+                    *(Launch(passing_block=b) for b in (256, 1024, 2048)),
+                    *(Launch(scan_block_m=m, low_precision=True, precompute_cb=True) for m in (32, 128))]
     if not gpu:     # grid[-1] computes C·Bᵀ in its own kernel
         steps, scans = [steps[0], steps[-1]], [grid[0], grid[-1]]
     for launch in steps:

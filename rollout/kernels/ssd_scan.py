@@ -261,6 +261,7 @@ class ScanLaunch:
     state_block_k: int = 32      # tokens per step of the chunk-state loop
     state_block_n: int = 64      # dstate columns per chunk-state program
     passing_block: int = 512     # state elements per state-passing program
+    scan_block_m: int = 64       # rows (tokens) of a chunk per chunk-scan program
     scan_block_k: int = 16       # tokens per step of the chunk-scan loop
     num_warps: int = 8           # of the two tl.dot kernels (chunk state, chunk scan)
     num_stages: int = 2
@@ -372,7 +373,7 @@ def _ssd_scan_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
         final.stride(0), final.stride(1),
         CHUNK=chunk_size, HAS_INIT=initial_states is not None, BLOCK=block)
 
-    block_m, block_dstate = _block(chunk_size, 64), triton.next_power_of_2(max(dstate, 16))
+    block_m, block_dstate = _block(chunk_size, launch.scan_block_m), triton.next_power_of_2(max(dstate, 16))
     cb = y      # a placeholder pointer when the chunk scan computes C·Bᵀ itself
     if launch.precompute_cb:
         cb = torch.empty(nchunks, ngroups, chunk_size, chunk_size, device=x.device,
