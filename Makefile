@@ -28,7 +28,7 @@ LAUNCH = $(PY) -m stages.launch --config $(CONFIG) --profile $(PROFILE) \
 	--num-machines "$(NUM_MACHINES)" --machine-rank "$(MACHINE_RANK)" \
 	--main-process-ip "$(MAIN_PROCESS_IP)" --main-process-port "$(MAIN_PROCESS_PORT)"
 
-.PHONY: setup constraints rerun-from pipeline sft-reasoning sft-chat rpo grpo report bench-hybrid test test-slow eval
+.PHONY: setup constraints rerun-from pipeline sft-reasoning sft-chat rpo grpo report bench-hybrid gpu-checks test test-slow eval
 
 setup: $(STAMP)
 
@@ -79,6 +79,11 @@ test-slow: $(STAMP)
 # Hybrid vs Transformer generation (CPU: reduced width; add BENCH_ARGS=--full on a GPU).
 bench-hybrid: $(STAMP)
 	$(PY) -m bench.bench_hybrid $(BENCH_ARGS)
+
+# Every GPU check of the rollout engine (CUDA machine; bench/gpu_checks.sh says what each step measures).
+# make gpu-checks MAMBA_SRC=<mamba-ssm source tree> adds mamba-ssm's prefill scan as the baseline where it is not installed.
+gpu-checks: $(STAMP)
+	PYTHON=$(PY) bash bench/gpu_checks.sh
 
 # The run report (eval table after every stage, plots) in the run directory; also the end of `make pipeline`.
 report: $(STAMP)
