@@ -36,8 +36,8 @@ from rollout.kernels import (causal_conv1d_ref, causal_conv1d_triton, causal_con
                              ssd_scan_ref, ssd_scan_triton)
 from rollout.engine import RolloutEngine
 from rollout.kernels.conv1d import _conv1d_kernel, _conv1d_update_kernel
-from rollout.kernels.ssd_scan import (LAUNCH, ScanLaunch, _chunk_cb_kernel, _chunk_cumsum_kernel, _chunk_scan_kernel, _chunk_state_kernel,
-                                      _state_passing_kernel)
+from rollout.kernels.ssd_scan import (LAUNCH, ScanLaunch, _chunk_cb_kernel, _chunk_cumsum_kernel, _chunk_scan_kernel,
+                                      _chunk_state_kernel, _state_passing_kernel)
 from rollout.kernels.state_update import _state_update_kernel
 from rollout.sampling import SamplingParams
 
