@@ -96,7 +96,8 @@ def measure(model, tokenizer, shape: Shape, bw: float) -> dict:
     state_bytes = cache.mamba_bytes_per_sequence() + cache.kv_bytes_per_token() * (shape.input_len + shape.output_len)
     roofline = roofline_tokens_per_second(engine, shape, bw)
     return {"tokens_per_s": new_tokens / seconds, "decode_tokens_per_s": decode,
-            "state_mib_per_seq": state_bytes / 2**20, "roofline_tokens_per_s": roofline, "of_roofline": decode / roofline}
+            "state_mib_per_seq": state_bytes / 2**20, "roofline_tokens_per_s": roofline,
+            "of_roofline": decode / roofline}
 
 
 def measure_pair(models: dict[str, torch.nn.Module], tokenizer, shape: Shape, bw: float, device: str,
@@ -163,9 +164,9 @@ def parse_shapes(text: str) -> list[Shape]:
 def table(rows: list[dict], shapes: list[Shape]) -> list[str]:
     """One Markdown row per shape, with the hybrid/Transformer ratio; "-" for a model that did not fit.
     tok/s counts prefill and decode; decode tok/s and of roofline, the decode steps alone."""
-    lines = ["| input | output | batch | hybrid tok/s | transformer tok/s | hybrid / transformer | hybrid decode tok/s | "
-             "transformer decode tok/s | hybrid MiB/seq | transformer MiB/seq | hybrid of roofline | "
-             "transformer of roofline |", "|" + "---|" * 12]
+    lines = ["| input | output | batch | hybrid tok/s | transformer tok/s | hybrid / transformer | "
+             "hybrid decode tok/s | transformer decode tok/s | hybrid MiB/seq | transformer MiB/seq | "
+             "hybrid of roofline | transformer of roofline |", "|" + "---|" * 12]
     for shape in shapes:
         pair = {r["model"]: r for r in rows if (r["input_len"], r["output_len"], r["batch"]) == tuple(shape.__dict__.values())}
         if not pair:

@@ -382,8 +382,8 @@ def _ssd_scan_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
             B, C, start, length, cb,
             dstate,
             B.stride(0), B.stride(1), C.stride(0), C.stride(1), cb.stride(0), cb.stride(1), cb.stride(2),
-            CHUNK=chunk_size, BLOCK_M=block_m, BLOCK_Q=max(16, triton.next_power_of_2(chunk_size)), BLOCK_DSTATE=block_dstate,
-            **dots)
+            CHUNK=chunk_size, BLOCK_M=block_m, BLOCK_Q=max(16, triton.next_power_of_2(chunk_size)),
+            BLOCK_DSTATE=block_dstate, **dots)
     grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(headdim, block_p), nchunks, nheads)
     _chunk_scan_kernel[grid](
         x, B, C, dt_out, dA_cs, states, D, start, length, cb, y,
