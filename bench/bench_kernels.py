@@ -172,35 +172,37 @@ def mamba_chunk_scan() -> tuple[Callable[..., object] | None, str]:
     return import_skipping_package_init("mamba_ssm", "mamba_ssm.ops.triton.ssd_combined").mamba_chunk_scan_combined, ""
 
 
-def prefill(setup: Setup, baseline: bool = True) -> str:
-    """ssd_scan, then (``baseline``) mamba_ssm's fused SSD on the same inputs when it is installed."""
+def prefill_calls(setup: Setup, baseline: bool = True) -> tuple[dict, dict[str, Callable[[], object]], str]:
+    """Random bf16 prefill inputs at the setup's shapes, and the scans to run on them: ssd_scan, then
+    (``baseline``) mamba_ssm's fused SSD when it is installed, else why not."""
     b, length, h, p, n, g = (setup.prefill_batch, setup.prefill_len, setup.nheads, setup.headdim, setup.dstate,
                              setup.ngroups)
     bf16 = dict(device=setup.device, dtype=torch.bfloat16)
-    params = model_params(setup)
-    x, dt = torch.randn(b, length, h, p, **bf16), torch.randn(b, length, h, **bf16)
-    B, C = torch.randn(b, length, g, n, **bf16), torch.randn(b, length, g, n, **bf16)
-    A, D, dt_bias = params["A"], params["D"], params["dt_bias"]
-    want_y, want_final = ssd_scan_ref(x, dt, A, B, C, D, dt_bias, chunk_size=setup.chunk_size)
+    args = dict(x=torch.randn(b, length, h, p, **bf16), dt=torch.randn(b, length, h, **bf16),
+                B=torch.randn(b, length, g, n, **bf16), C=torch.randn(b, length, g, n, **bf16), **model_params(setup))
+    calls = {"ssd_scan": lambda: ssd_scan_triton(**args, chunk_size=setup.chunk_size)}
+    theirs, why_not = mamba_chunk_scan() if baseline else (None, "")
+    if theirs is not None:
+        calls["mamba_chunk_scan_combined"] = lambda: theirs(chunk_size=setup.chunk_size, dt_softplus=True,
+                                                            return_final_states=True, **args)
+    return args, calls, why_not
 
-    def ours() -> tuple[torch.Tensor, torch.Tensor]:
-        return ssd_scan_triton(x, dt, A, B, C, D, dt_bias, chunk_size=setup.chunk_size)
 
-    impls = {"ssd_scan": ours}
-    theirs_fn, why_not = mamba_chunk_scan() if baseline else (None, "")
-    if theirs_fn is not None:
-        impls["mamba_chunk_scan_combined"] = lambda: theirs_fn(x, dt, A, B, C, setup.chunk_size, D=D, dt_bias=dt_bias,
-                                                                dt_softplus=True, return_final_states=True)
+def prefill(setup: Setup, baseline: bool = True) -> str:
+    """ssd_scan, then (``baseline``) mamba_ssm's fused SSD on the same inputs when it is installed."""
+    args, calls, why_not = prefill_calls(setup, baseline)
+    want_y, want_final = ssd_scan_ref(**args, chunk_size=setup.chunk_size)
+    tokens = setup.prefill_batch * setup.prefill_len
     rows, base = [], None
-    for name, fn in impls.items():
+    for name, fn in calls.items():
         y, final = fn()
         err = max(rel_err(y, want_y), rel_err(final, want_final))
         seconds = median_seconds(fn, setup)
         base = base or seconds
-        rows.append([name, f"{seconds * 1e3:.3f}", f"{b * length / seconds / 1e6:.2f}", f"{seconds / base:.2f}",
+        rows.append([name, f"{seconds * 1e3:.3f}", f"{tokens / seconds / 1e6:.2f}", f"{seconds / base:.2f}",
                      f"{err:.1e}"])
-    title = (f"prefill: batch {b} x {length} tokens, chunk {setup.chunk_size}, bf16 x/dt/B/C; "
-             "time_ratio = time / ssd_scan's time")
+    title = (f"prefill: batch {setup.prefill_batch} x {setup.prefill_len} tokens, chunk {setup.chunk_size}, "
+             "bf16 x/dt/B/C; time_ratio = time / ssd_scan's time")
     out = table(title, ["impl", "time_ms", "Mtok/s", "time_ratio", "rel_err"], rows)
     return f"{out}\n{why_not}" if why_not else out
 
@@ -208,19 +210,7 @@ def prefill(setup: Setup, baseline: bool = True) -> str:
 def kernel_profile(setup: Setup) -> str:
     """Time per kernel of ssd_scan and of mamba_ssm's fused SSD (when installed), five calls each (on CPU,
     the interpreter's PyTorch calls)."""
-    b, length, h, p, n, g = (setup.prefill_batch, setup.prefill_len, setup.nheads, setup.headdim, setup.dstate,
-                             setup.ngroups)
-    bf16 = dict(device=setup.device, dtype=torch.bfloat16)
-    x, dt = torch.randn(b, length, h, p, **bf16), torch.randn(b, length, h, **bf16)
-    B, C = torch.randn(b, length, g, n, **bf16), torch.randn(b, length, g, n, **bf16)
-    params = model_params(setup)
-    calls = {"ssd_scan": lambda: ssd_scan_triton(x, dt, params["A"], B, C, params["D"], params["dt_bias"],
-                                                 chunk_size=setup.chunk_size)}
-    theirs, _ = mamba_chunk_scan()
-    if theirs is not None:
-        calls["mamba_chunk_scan_combined"] = lambda: theirs(x, dt, params["A"], B, C, setup.chunk_size, D=params["D"],
-                                                            dt_bias=params["dt_bias"], dt_softplus=True,
-                                                            return_final_states=True)
+    _, calls, _ = prefill_calls(setup)
     out = []
     for name, call in calls.items():
         call()
@@ -231,8 +221,9 @@ def kernel_profile(setup: Setup) -> str:
                 call()
             if cuda:
                 torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="device_time_total" if cuda else "cpu_time_total", row_limit=10)
-        out.append(f"{name}, 5 calls:\n{table}")
+        per_kernel = prof.key_averages().table(sort_by="device_time_total" if cuda else "cpu_time_total",
+                                               row_limit=10)
+        out.append(f"{name}, 5 calls:\n{per_kernel}")
     return "\n".join(out)
 
 
