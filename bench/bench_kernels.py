@@ -2,7 +2,7 @@
 
     python -m bench.bench_kernels              # on a CUDA machine
     python -m bench.bench_kernels --cpu-smoke  # the same code paths at tiny shapes, Triton's CPU interpreter
-    python -m bench.bench_kernels --tune       # each launch variant of the kernels, and prefill per kernel
+    python -m bench.bench_kernels --tune       # each launch variant of the kernels, prefill's time per kernel
 
 (a) Decode: ``selective_state_update`` (fp32 state, bf16 x/dt/B/C) at batch 1, 2, 4, ..., 256. Median time
     over many iterations (CUDA events, after warmup, L2 flushed before each so that small batches are not
@@ -10,7 +10,9 @@
     HBM bandwidth, which is measured here by a large device-to-device copy, not taken from a spec sheet.
 (b) Prefill: ``ssd_scan`` against mamba_ssm's ``mamba_chunk_scan_combined`` at batch 4 × 8,192 tokens,
     bf16 inputs: both times and their ratio (mamba_ssm: ``MAMBA_SKIP_CUDA_BUILD=TRUE pip install
-    --no-build-isolation mamba-ssm``; skipped when missing).
+    --no-build-isolation mamba-ssm``; skipped when missing). Each call is timed alone, from an idle device,
+    so the host's work before the first kernel counts; ``queued_ms`` also times calls issued back to back,
+    where it hides behind the call before, as in a model's forward.
 
 Both parts also print the largest difference from the PyTorch reference (relative to its largest value), so
 a GPU run checks correctness too.
@@ -27,7 +29,7 @@ import sys
 import time
 import traceback
 import types
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields
 from datetime import datetime
 from itertools import product
 from typing import Callable
@@ -93,6 +95,20 @@ def median_seconds(fn: Callable[[], object], setup: Setup) -> float:
     return statistics.median(times)
 
 
+def queued_seconds(fn: Callable[[], object], setup: Setup) -> float:
+    """Time per call of ``setup.iters`` calls issued back to back, as the layers of a model's forward are: the
+    host's launch work then hides behind the device's work of the call before."""
+    fn()
+    if setup.device == "cuda":
+        torch.cuda.synchronize()
+    begin = time.perf_counter()
+    for _ in range(setup.iters):
+        fn()
+    if setup.device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - begin) / setup.iters
+
+
 def peak_bandwidth(setup: Setup) -> float:
     """Bytes per second of a device-to-device copy (read plus write) too large for any cache."""
     src = torch.empty(setup.copy_bytes, dtype=torch.uint8, device=setup.device)
@@ -119,8 +135,9 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows])
 
 
-def decode(setup: Setup, peak: float) -> str:
-    """One row per batch size; a fresh state per batch, so the larger ones do not fit in L2."""
+def decode_rows(setup: Setup, peak: float) -> list[list[str]]:
+    """One row per batch size: batch, time_us, MB, GB/s, %peak, rel_err. A fresh state per batch, so the
+    larger ones do not fit in L2."""
     h, p, n, g = setup.nheads, setup.headdim, setup.dstate, setup.ngroups
     bf16 = dict(device=setup.device, dtype=torch.bfloat16)
     params = model_params(setup)
@@ -142,9 +159,13 @@ def decode(setup: Setup, peak: float) -> str:
         moved = 2 * state.nbytes + x.nbytes + sum(t.nbytes for t in (*args, slot_idx))   # y is shaped as x
         rows.append([str(batch), f"{seconds * 1e6:.1f}", f"{moved / 1e6:.2f}", f"{moved / seconds / 1e9:.1f}",
                      f"{100 * moved / seconds / peak:.1f}", f"{err:.1e}"])
-    title = (f"decode: selective_state_update, nheads {h}, headdim {p}, dstate {n}, ngroups {g}, fp32 state, "
-             "bf16 x/dt/B/C, slots permuted")
-    return table(title, ["batch", "time_us", "MB", "GB/s", "%peak", "rel_err"], rows)
+    return rows
+
+
+def decode(setup: Setup, peak: float) -> str:
+    title = (f"decode: selective_state_update, nheads {setup.nheads}, headdim {setup.headdim}, dstate "
+             f"{setup.dstate}, ngroups {setup.ngroups}, fp32 state, bf16 x/dt/B/C, slots permuted")
+    return table(title, ["batch", "time_us", "MB", "GB/s", "%peak", "rel_err"], decode_rows(setup, peak))
 
 
 def import_skipping_package_init(package: str, module: str) -> types.ModuleType:
@@ -200,59 +221,101 @@ def prefill(setup: Setup, baseline: bool = True) -> str:
         seconds = median_seconds(fn, setup)
         base = base or seconds
         rows.append([name, f"{seconds * 1e3:.3f}", f"{tokens / seconds / 1e6:.2f}", f"{seconds / base:.2f}",
-                     f"{err:.1e}"])
+                     f"{queued_seconds(fn, setup) * 1e3:.3f}", f"{err:.1e}"])
     title = (f"prefill: batch {setup.prefill_batch} x {setup.prefill_len} tokens, chunk {setup.chunk_size}, "
-             "bf16 x/dt/B/C; time_ratio = time / ssd_scan's time")
-    out = table(title, ["impl", "time_ms", "Mtok/s", "time_ratio", "rel_err"], rows)
+             "bf16 x/dt/B/C; time_ratio = time / ssd_scan's time; queued_ms: per call, issued back to back")
+    out = table(title, ["impl", "time_ms", "Mtok/s", "time_ratio", "queued_ms", "rel_err"], rows)
     return f"{out}\n{why_not}" if why_not else out
 
 
-def kernel_profile(setup: Setup) -> str:
-    """Time per kernel of ssd_scan and of mamba_ssm's fused SSD (when installed), five calls each (on CPU,
-    the interpreter's PyTorch calls)."""
-    _, calls, _ = prefill_calls(setup)
-    out = []
-    for name, call in calls.items():
-        call()
-        cuda = setup.device == "cuda"
-        activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
-        with torch.profiler.profile(activities=[activity]) as prof:
-            for _ in range(5):
-                call()
-            if cuda:
-                torch.cuda.synchronize()
-        per_kernel = prof.key_averages().table(sort_by="device_time_total" if cuda else "cpu_time_total",
-                                               row_limit=10)
-        out.append(f"{name}, 5 calls:\n{per_kernel}")
-    return "\n".join(out)
+# Prefill kernels by name, ours and mamba_ssm's, as columns of the tuning table.
+KERNEL_COLUMNS = {"cumsum": ("_chunk_cumsum",), "state": ("_chunk_state",), "passing": ("_state_passing",),
+                  "cb": ("_chunk_cb", "_bmm_chunk"), "scan": ("_chunk_scan",)}
+
+
+def kernel_ms(call: Callable[[], object], calls: int = 10) -> dict[str, float]:
+    """Device milliseconds per call spent in each prefill kernel, from torch.profiler (CUDA only)."""
+    call()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            call()
+        torch.cuda.synchronize()
+    out = dict.fromkeys(KERNEL_COLUMNS, 0.0)
+    for event in prof.key_averages():
+        for column, names in KERNEL_COLUMNS.items():
+            if event.key.startswith(names):
+                out[column] += event.device_time_total / calls / 1e3
+    return out
+
+
+def differences(launch: object) -> str:
+    """The fields of a launch dataclass that differ from its defaults, as one word (``default`` for none)."""
+    default = type(launch)()
+    changed = [f"{f.name}={getattr(launch, f.name)}" for f in fields(launch)
+               if getattr(launch, f.name) != getattr(default, f.name)]
+    return ",".join(changed) or "default"
+
+
+def tune_decode(setup: Setup, peak: float, launches: list) -> str:
+    """% of peak bandwidth of the decode step per launch variant (rows) and batch size (columns)."""
+    module = importlib.import_module("rollout.kernels.state_update")
+    rows = []
+    for launch in launches:
+        module.STEP_LAUNCH = launch
+        result = decode_rows(setup, peak)
+        rows.append([differences(launch), *(r[4] for r in result), f"{max(float(r[5]) for r in result):.1e}"])
+    module.STEP_LAUNCH = module.StepLaunch()
+    return table("decode: % of peak bandwidth per launch variant and batch (rel_err: the largest of the row)",
+                 ["variant", *map(str, setup.decode_batches), "rel_err"], rows)
+
+
+def tune_prefill(setup: Setup, launches: list) -> str:
+    """The prefill scan per launch variant: time, its ratio to mamba_ssm's (when installed), and the time of
+    each kernel (on a GPU; the interpreter's kernels are Python calls), beside mamba_ssm's kernels."""
+    module = importlib.import_module("rollout.kernels.ssd_scan")
+    args, calls, why_not = prefill_calls(setup)
+    want_y, want_final = ssd_scan_ref(**args, chunk_size=setup.chunk_size)
+    gpu = setup.device == "cuda"
+    theirs = calls.get("mamba_chunk_scan_combined")
+    base = median_seconds(theirs, setup) if theirs else None
+
+    def row(name: str, call: Callable[[], object], err: float) -> list[str]:
+        seconds = base if name == "mamba_chunk_scan_combined" else median_seconds(call, setup)
+        per_kernel = kernel_ms(call) if gpu else {}
+        return [name, f"{seconds * 1e3:.3f}", f"{base / seconds:.2f}" if base else "-",
+                *(f"{per_kernel[k]:.3f}" if gpu else "-" for k in KERNEL_COLUMNS), f"{err:.1e}"]
+
+    rows = [row("mamba_chunk_scan_combined", theirs, 0.0)] if theirs else []
+    for launch in launches:
+        module.LAUNCH = launch
+        y, final = calls["ssd_scan"]()
+        rows.append(row(differences(launch), calls["ssd_scan"], max(rel_err(y, want_y), rel_err(final, want_final))))
+    module.LAUNCH = module.ScanLaunch()
+    title = (f"prefill: batch {setup.prefill_batch} x {setup.prefill_len} tokens, ms per call, per kernel; "
+             "speed = mamba_ssm's time / this time")
+    out = table(title, ["variant", "time_ms", "speed", *KERNEL_COLUMNS, "rel_err"], rows)
+    return f"{out}\n{why_not}" if why_not else out
 
 
 def tune(setup: Setup, peak: float) -> None:
-    """The decode step and the prefill scan under each launch variant, then where prefill's time goes. On CPU
-    (``--cpu-smoke``) only two variants of each kernel run: the interpreter is slow, and two show the code
-    path."""
+    """The decode step and the prefill scan under each launch variant. On CPU (``--cpu-smoke``) only two
+    variants of each kernel run: the interpreter is slow, and two show the code path."""
     step_module, scan_module = (importlib.import_module(f"rollout.kernels.{m}") for m in ("state_update", "ssd_scan"))
-    gpu = setup.device == "cuda"
-    quick = replace(setup, decode_batches=(1, 16, 64, 256) if gpu else (1, 2), iters=max(setup.iters // 4, 2))
-    steps = [step_module.StepLaunch(block_p, num_warps)
-             for block_p, num_warps in product((4, 8, 16, 32, 64), (2, 4, 8))]
-    Launch = scan_module.ScanLaunch
-    grid = [Launch(scan_block_k=k, num_warps=w, low_precision=low, precompute_cb=cb)
+    Step, Scan = step_module.StepLaunch, scan_module.ScanLaunch
+    steps = [Step(), *(Step(block_p, num_warps) for block_p, num_warps in
+                       ((8, 2), (8, 4), (16, 4), (16, 8), (32, 4), (32, 8), (64, 2), (64, 4)))]
+    grid = [Scan(scan_block_k=k, state_warps=w, scan_warps=w, low_precision=low, precompute_cb=cb)
             for cb, low, k, w in product((False, True), (False, True), (16, 32, 64), (4, 8))]
-    scans = grid + [Launch(state_block_n=128), Launch(state_block_k=64), Launch(num_stages=3), Launch(num_stages=4),
-                    *(Launch(passing_block=b) for b in (256, 1024, 2048)),
-                    *(Launch(scan_block_m=m, low_precision=True, precompute_cb=True) for m in (32, 128))]
-    if not gpu:     # grid[-1] computes C·Bᵀ in its own kernel
+    fast = dict(low_precision=True, state_warps=4, scan_warps=4, scan_block_k=32)     # the best of a first run
+    scans = grid + [Scan(**fast, **change) for change in (
+        dict(state_block_n=128), dict(state_block_k=16), dict(state_block_k=64), dict(num_stages=1),
+        dict(num_stages=3), dict(num_stages=4), *(dict(passing_block=b) for b in (256, 1024, 2048)),
+        *(dict(passing_warps=w) for w in (1, 2, 8)), dict(scan_block_m=128), dict(scan_block_m=32),
+        dict(precompute_cb=True, scan_block_m=128), dict(precompute_cb=True, scan_block_m=32))]
+    if setup.device != "cuda":      # grid[-1] computes C·Bᵀ in its own kernel
         steps, scans = [steps[0], steps[-1]], [grid[0], grid[-1]]
-    for launch in steps:
-        step_module.STEP_LAUNCH = launch
-        print(f"{launch}\n{decode(quick, peak)}\n", flush=True)
-    step_module.STEP_LAUNCH = step_module.StepLaunch()
-    for launch in scans:
-        scan_module.LAUNCH = launch
-        print(f"{launch}\n{prefill(quick, baseline=False)}\n", flush=True)
-    scan_module.LAUNCH = Launch()
-    print(kernel_profile(setup))
+    print(tune_decode(setup, peak, steps), end="\n\n", flush=True)
+    print(tune_prefill(setup, scans), flush=True)
 
 
 def header(setup: Setup) -> str:
@@ -269,7 +332,7 @@ def main() -> None:
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="run every code path at tiny shapes on CPU under TRITON_INTERPRET=1")
     parser.add_argument("--tune", action="store_true",
-                        help="time the kernels under each launch variant and profile the prefill scan per kernel")
+                        help="time the kernels under each launch variant, the prefill scan per kernel")
     parser.add_argument("--mamba-src", metavar="DIR",
                         help="import the mamba_ssm baseline from this source tree (an unpacked sdist or a clone)")
     args = parser.parse_args()

@@ -37,7 +37,7 @@ from rollout.kernels import (causal_conv1d_ref, causal_conv1d_triton, causal_con
 from rollout.engine import RolloutEngine
 from rollout.kernels.conv1d import _conv1d_kernel, _conv1d_update_kernel
 from rollout.kernels.ssd_scan import (LAUNCH, ScanLaunch, _chunk_cb_kernel, _chunk_cumsum_kernel, _chunk_scan_kernel,
-                                      _chunk_state_kernel, _state_passing_kernel)
+                                      _chunk_state_kernel, _chunk_table, _chunk_table_kernel, _state_passing_kernel)
 from rollout.kernels.state_update import _state_update_kernel
 from rollout.sampling import SamplingParams
 
@@ -153,6 +153,43 @@ def check_engine() -> None:
         torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs), atol=1e-4, rtol=0)
 
 
+def check_chunk_table(lengths: tuple[int, ...], chunk: int) -> None:
+    """The chunk table against the same cut made in plain Python: empty sequences own no chunk, the rows
+    past the real chunks have length 0."""
+    cu = torch.tensor([0, *lengths]).cumsum(0)
+    start, length, seq, cu_chunks = _chunk_table(cu, int(cu[-1]), chunk)
+    want = [(int(cu[s]) + j, min(chunk, n - j), s) for s, n in enumerate(lengths) for j in range(0, n, chunk)]
+    rows = len(want)
+    assert start.numel() >= rows and not length[rows:].any()
+    assert list(zip(start[:rows].tolist(), length[:rows].tolist(), seq[:rows].tolist())) == want
+    assert cu_chunks.tolist() == [0, *numpy.cumsum([-(-n // chunk) for n in lengths]).tolist()]
+
+
+def check_state_passing_apart(dtype: torch.dtype) -> None:
+    """The entering states written to a buffer of their own (``low_precision`` on a GPU, bf16 there) equal the
+    ones written in place, rounded once to that buffer's dtype; the final states are the same."""
+    g = torch.Generator().manual_seed(3)
+    size, cu_chunks = 40, torch.tensor([0, 3, 5])     # two sequences of 3 and 2 chunks, 2 heads
+    states, init = randn(g, 5, 2, size), randn(g, 2, 2, size)
+    dA_cs = -torch.rand(5, 2, 4, generator=g).cumsum(-1)
+
+    def run(entering: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        added, final = states.clone(), torch.empty_like(init)
+        entering = added if entering is None else entering
+        _state_passing_kernel[(2, 2, 2)](added, dA_cs, cu_chunks, init, entering, final, size,
+                                         added.stride(0), added.stride(1), dA_cs.stride(1), dA_cs.stride(0),
+                                         init.stride(0), init.stride(1), entering.stride(0), entering.stride(1),
+                                         final.stride(0), final.stride(1), CHUNK=4, HAS_INIT=True, BLOCK=32)
+        return entering, final
+
+    in_place, final = run(None)
+    apart, final_apart = run(torch.empty(5, 2, size, dtype=dtype))
+    assert not torch.equal(in_place, states)
+    # Triton's interpreter may round to bf16 otherwise than PyTorch does: one bf16 step (2^-7 relative) apart.
+    torch.testing.assert_close(apart.float(), in_place, atol=0, rtol=0 if dtype == F32 else 2 ** -7)
+    torch.testing.assert_close(final_apart, final, atol=0, rtol=0)
+
+
 CASES: dict[str, Callable[[], None]] = {
     "ssd_scan/T37-chunk8-batch2": partial(check_ssd_scan, 37, 8, batch=2),
     "ssd_scan/T13-chunk4-ngroups1": partial(check_ssd_scan, 13, 4, batch=2, G=1),
@@ -183,6 +220,13 @@ CASES: dict[str, Callable[[], None]] = {
                                                                 N=32, strided=True),
     "state_update/bf16": partial(check_state_update, dtype=BF16),
     "state_update/rows-are-slots": partial(check_state_update, slots=None),
+    "chunk_table/one-sequence": partial(check_chunk_table, (300,), 128),
+    # 150 sequences (three blocks of 64) of 0 to 40 tokens, over 200 rows (two blocks of 128)
+    "chunk_table/many-with-empty": partial(check_chunk_table,
+                                           tuple(int(n) for n in torch.randint(0, 41, (150,),
+                                                 generator=torch.Generator().manual_seed(5))), 16),
+    "state_passing/entering-apart-fp32": partial(check_state_passing_apart, F32),
+    "state_passing/entering-apart-bf16": partial(check_state_passing_apart, BF16),
     "conv1d/packed-short-sequence": partial(check_conv1d),
     # a sequence whose last 64-token block holds 1 token, 70 channels in two blocks
     "conv1d/packed-across-blocks-strided": partial(check_conv1d, T=100, cu=(0, 2, 67, 100), dim=70, strided=True),
@@ -215,25 +259,29 @@ def compile_sm90(kernel: Callable, io_ptrs: tuple[str, ...], constexprs: dict, o
 
 
 ACTIVATIONS = ("x_ptr", "B_ptr", "C_ptr", "y_ptr", "out_ptr")
-DOTS = dict(num_warps=LAUNCH.num_warps, num_stages=LAUNCH.num_stages)
+STATE_DOTS = dict(num_warps=LAUNCH.state_warps, num_stages=LAUNCH.num_stages)
+SCAN_DOTS = dict(num_warps=LAUNCH.scan_warps, num_stages=LAUNCH.num_stages)
 DOT_DTYPES = (triton.language.float32, triton.language.bfloat16)   # fp32 operands, and low_precision's
 SM90: dict[str, Callable[[], None]] = {
+    "sm90/chunk_table": partial(compile_sm90, _chunk_table_kernel, (), dict(CHUNK=128, BLOCK_R=128, BLOCK_S=64)),
     "sm90/chunk_cumsum": partial(compile_sm90, _chunk_cumsum_kernel, ("dt_ptr",),
                                  dict(CHUNK=128, BLOCK_H=16, BLOCK_Q=128)),
     **{f"sm90/chunk_state-{dtype}": partial(compile_sm90, _chunk_state_kernel, ACTIVATIONS,
                                             dict(CHUNK=128, BLOCK_P=64, BLOCK_N=64, BLOCK_K=LAUNCH.state_block_k,
-                                                 DOT_DTYPE=dtype, DOT_PRECISION="tf32"), DOTS)
+                                                 DOT_DTYPE=dtype, DOT_PRECISION="tf32"), STATE_DOTS)
        for dtype in DOT_DTYPES},
-    "sm90/state_passing": partial(compile_sm90, _state_passing_kernel, (),
-                                  dict(CHUNK=128, HAS_INIT=True, BLOCK=512)),
+    **{f"sm90/state_passing-{name}": partial(compile_sm90, _state_passing_kernel, entering,
+                                             dict(CHUNK=128, HAS_INIT=True, BLOCK=LAUNCH.passing_block),
+                                             dict(num_warps=LAUNCH.passing_warps))
+       for name, entering in (("fp32", ()), ("bf16-entering", ("entering_ptr",)))},    # low_precision's
     **{f"sm90/chunk_scan-{dtype}-precomputed-cb-{cb}": partial(
         compile_sm90, _chunk_scan_kernel, ACTIVATIONS,
         dict(BLOCK_M=64, BLOCK_P=64, BLOCK_K=LAUNCH.scan_block_k, BLOCK_DSTATE=128, PRECOMPUTED_CB=cb,
-             DOT_DTYPE=dtype, DOT_PRECISION="tf32"), DOTS)
+             DOT_DTYPE=dtype, DOT_PRECISION="tf32"), SCAN_DOTS)
        for dtype in DOT_DTYPES for cb in (False, True)},
     **{f"sm90/chunk_cb-{dtype}": partial(compile_sm90, _chunk_cb_kernel, ACTIVATIONS,
                                          dict(CHUNK=128, BLOCK_M=64, BLOCK_Q=128, BLOCK_DSTATE=128, DOT_DTYPE=dtype,
-                                              DOT_PRECISION="tf32"), DOTS)
+                                              DOT_PRECISION="tf32"), SCAN_DOTS)
        for dtype in DOT_DTYPES},
     "sm90/state_update": partial(compile_sm90, _state_update_kernel, (*ACTIVATIONS, "dt_ptr"),
                                  dict(HAS_SLOTS=True, BLOCK_P=4, BLOCK_N=128)),
@@ -328,19 +376,22 @@ def test_bench_cpu_smoke_prints_the_tables() -> None:
 
 @OLD_INTERPRETER
 def test_bench_tune_times_correct_variants() -> None:
-    """``--tune`` on CPU: a table per launch variant it runs, each within one bf16 rounding of the reference
-    (the scan's second variant computes C·Bᵀ in its own kernel), then the prefill profile."""
+    """``--tune`` on CPU: a row per launch variant it runs, each within one bf16 rounding of the reference
+    (the scan's second variant computes C·Bᵀ in its own kernel)."""
     proc = subprocess.run([sys.executable, "-m", "bench.bench_kernels", "--cpu-smoke", "--tune"], cwd=ROOT,
                           env=compiled_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = proc.stdout.splitlines()
-    variants = [line for line in lines if line.startswith(("StepLaunch(", "ScanLaunch("))]
-    assert len(variants) == 4 and "precompute_cb=True" in variants[-1]
-    decode = [line.split() for line in lines if line.split()[:1] in (["1"], ["2"]) and len(line.split()) == 6]
-    prefill = [line.split() for line in lines if line.startswith("ssd_scan ")]
-    assert len(decode) == 4 and len(prefill) == 2
+
+    def rows(header: list[str]) -> list[list[str]]:
+        first = next(i for i, line in enumerate(lines) if line.split() == header) + 1
+        return [line.split() for line in lines[first:first + 2]]
+
+    decode = rows(["variant", "1", "2", "4", "rel_err"])
+    prefill = rows(["variant", "time_ms", "speed", "cumsum", "state", "passing", "cb", "scan", "rel_err"])
+    assert [row[0] for row in decode] == ["default", "block_p=64,num_warps=4"]
+    assert "precompute_cb=True" in prefill[1][0] and all(len(row) == 9 for row in prefill)
     assert all(float(row[-1]) < 1e-2 for row in [*decode, *prefill])
-    assert any(line.startswith("ssd_scan, 5 calls:") for line in lines)
 
 
 def test_baseline_loads_without_the_package_init_a_skip_build_install_breaks(tmp_path, monkeypatch) -> None:

@@ -36,6 +36,47 @@ def _discretize_dt_tl(dt, dt_bias, dt_min, dt_max):
 
 
 @triton.jit
+def _chunk_table_kernel(
+    # Pointers
+    cu_seqlens_ptr, chunk_start_ptr, chunk_len_ptr, chunk_seq_ptr, cu_chunks_ptr,
+    # Dimensions
+    nseq, nrows,
+    # Meta-parameters
+    CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """The chunk table's rows of one block: sequences are walked in blocks, each block's chunk offsets
+    are a running sum of ``ceil(length / CHUNK)``, and a row takes the values of the sequence whose chunks
+    cover it (rows no sequence covers keep 0). Program 0 also writes ``cu_chunks``."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    start = tl.zeros((BLOCK_R,), dtype=tl.int64)
+    length = tl.zeros((BLOCK_R,), dtype=tl.int64)
+    seq = tl.zeros((BLOCK_R,), dtype=tl.int64)
+    done = tl.sum(start, axis=0)    # chunks of the sequences before this block of them (an int64 zero)
+    first_program = tl.program_id(0) == 0
+    if first_program:
+        tl.store(cu_chunks_ptr, done)
+    for s0 in range(0, nseq, BLOCK_S):
+        seqs = s0 + tl.arange(0, BLOCK_S)
+        valid = seqs < nseq
+        lo = tl.load(cu_seqlens_ptr + seqs, mask=valid, other=0)
+        hi = tl.load(cu_seqlens_ptr + seqs + 1, mask=valid, other=0)
+        counts = (hi - lo + CHUNK - 1) // CHUNK
+        ends = done + tl.cumsum(counts, axis=0)
+        covers = (rows[:, None] >= (ends - counts)[None, :]) & (rows[:, None] < ends[None, :])
+        at = lo[None, :] + (rows[:, None] - (ends - counts)[None, :]) * CHUNK
+        start += tl.sum(tl.where(covers, at, 0), axis=1)
+        length += tl.sum(tl.where(covers, tl.minimum(hi[None, :] - at, CHUNK), 0), axis=1)
+        seq += tl.sum(tl.where(covers, seqs[None, :].to(tl.int64), 0), axis=1)
+        if first_program:
+            tl.store(cu_chunks_ptr + 1 + seqs, ends, mask=valid)
+        done += tl.sum(counts, axis=0)
+    mask = rows < nrows
+    tl.store(chunk_start_ptr + rows, start, mask=mask)
+    tl.store(chunk_len_ptr + rows, length, mask=mask)
+    tl.store(chunk_seq_ptr + rows, seq, mask=mask)
+
+
+@triton.jit
 def _chunk_cumsum_kernel(
     # Pointers
     dt_ptr, A_ptr, dt_bias_ptr, chunk_start_ptr, chunk_len_ptr, dt_out_ptr, dA_cs_ptr,
@@ -120,17 +161,18 @@ def _chunk_state_kernel(
 @triton.jit
 def _state_passing_kernel(
     # Pointers
-    states_ptr, dA_cs_ptr, cu_chunks_ptr, init_ptr, final_ptr,
+    states_ptr, dA_cs_ptr, cu_chunks_ptr, init_ptr, entering_ptr, final_ptr,
     # Dimensions
     state_size,
     # Strides
-    stride_s_c, stride_s_h, stride_dA_h, stride_dA_c, stride_init_s, stride_init_h, stride_final_s,
-    stride_final_h,
+    stride_s_c, stride_s_h, stride_dA_h, stride_dA_c, stride_init_s, stride_init_h, stride_e_c, stride_e_h,
+    stride_final_s, stride_final_h,
     # Meta-parameters
     CHUNK: tl.constexpr, HAS_INIT: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Carries one sequence's state across its chunks, in fp32: states[c] (what chunk c adds) is replaced in
-    place by the state entering chunk c, and the state after the last chunk is the sequence's final state."""
+    """Carries one sequence's state across its chunks, in fp32: entering[c] is the state entering chunk c
+    (in entering's dtype; it may be ``states`` itself, then replaced in place), states[c] what chunk c adds,
+    and the state after the last chunk is the sequence's final state."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     pid_s = tl.program_id(1).to(tl.int64)
     pid_h = tl.program_id(2).to(tl.int64)
@@ -141,9 +183,9 @@ def _state_passing_kernel(
     else:
         state = tl.zeros((BLOCK,), dtype=tl.float32)
     for c in range(tl.load(cu_chunks_ptr + pid_s), tl.load(cu_chunks_ptr + pid_s + 1)):
-        ptrs = states_ptr + c * stride_s_c + pid_h * stride_s_h + offs
-        added = tl.load(ptrs, mask=mask, other=0.0)
-        tl.store(ptrs, state, mask=mask)
+        added = tl.load(states_ptr + c * stride_s_c + pid_h * stride_s_h + offs, mask=mask, other=0.0)
+        tl.store(entering_ptr + c * stride_e_c + pid_h * stride_e_h + offs,
+                 state.to(entering_ptr.dtype.element_ty), mask=mask)
         decay = tl.exp(tl.minimum(tl.load(dA_cs_ptr + pid_h * stride_dA_h + c * stride_dA_c + CHUNK - 1), 0.0))
         state = decay * state + added
     tl.store(final_ptr + pid_s * stride_final_s + pid_h * stride_final_h + offs, state, mask=mask)
@@ -256,27 +298,36 @@ def _chunk_scan_kernel(
 @dataclass(frozen=True)
 class ScanLaunch:
     """Block sizes and launch settings of the scan's kernels. ``ssd_scan`` reads the module's ``LAUNCH``;
-    ``python -m bench.bench_kernels --tune`` times variants on a GPU."""
+    ``python -m bench.bench_kernels --tune`` times variants on a GPU. The defaults are the fastest of 41
+    variants timed on an H200 at Nemotron-H-8B shapes (batch 4 x 8,192 tokens, bf16)."""
 
     state_block_k: int = 32      # tokens per step of the chunk-state loop
     state_block_n: int = 64      # dstate columns per chunk-state program
+    state_warps: int = 4
     passing_block: int = 512     # state elements per state-passing program
+    passing_warps: int = 4
     scan_block_m: int = 64       # rows (tokens) of a chunk per chunk-scan program
     scan_block_k: int = 16       # tokens per step of the chunk-scan loop
-    num_warps: int = 8           # of the two tl.dot kernels (chunk state, chunk scan)
-    num_stages: int = 2
+    scan_warps: int = 4          # of the chunk scan and of the C·Bᵀ kernel
+    num_stages: int = 2          # of the tl.dot kernels
     # C·Bᵀ of each chunk and group in a kernel of its own, written out and read by each of the group's heads
     # (mamba_ssm's way), instead of computed again per head inside the chunk scan.
     precompute_cb: bool = False
     # bf16/fp16 inputs on a GPU: dot operands in that dtype with fp32 accumulation, as mamba_ssm does,
     # instead of fp32 operands at TF32 (Triton's interpreter multiplies bf16 operands as raw bits, so the
-    # CPU path always keeps fp32 operands).
-    low_precision: bool = False
+    # CPU path always keeps fp32 operands). The states entering each chunk, which the chunk scan only reads
+    # as a dot operand, are then written in that dtype too, to a buffer of their own: half the bytes. The
+    # state carried from chunk to chunk and the final states stay fp32.
+    low_precision: bool = True
 
 
-# With these the two tl.dot kernels compile for sm_90 at Nemotron-H shapes (headdim 64, dstate 128, chunk
-# 128) with no register spills for either dot precision (ptxas -v); dstate 256 would spill in the chunk scan.
+# With these the tl.dot kernels compile for sm_90 at Nemotron-H shapes (headdim 64, dstate 128, chunk 128)
+# with no register spills for bf16 operands (cuobjdump -res-usage: chunk scan 178 registers, chunk state 168);
+# fp32 operands (fp32 inputs) spill 48 bytes in the chunk scan.
 LAUNCH = ScanLaunch()
+
+
+_TABLE_ROWS = 128      # chunk-table rows per program
 
 
 def _block(size: int, cap: int) -> int:
@@ -313,15 +364,15 @@ def _flat_cu_seqlens(batch: int, seqlen: int, cu_seqlens: torch.Tensor | None,
 def _chunk_table(cu_seqlens: torch.Tensor, ntokens: int,
                  chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Chunks of at most ``chunk_size`` tokens cut from each sequence's start: per chunk its first token,
-    length and sequence, and the chunk offsets of each sequence (``cu_chunks``). Built on the device with no
-    host sync: the table has an upper bound of rows, and those past the real chunks have length 0."""
+    length and sequence, and the chunk offsets of each sequence (``cu_chunks``). One launch and no host sync:
+    the table has an upper bound of rows, and those past the real chunks have length 0."""
     nseq = cu_seqlens.numel() - 1
-    counts = (cu_seqlens[1:] - cu_seqlens[:-1] + chunk_size - 1) // chunk_size
-    cu_chunks = F.pad(counts.cumsum(0), (1, 0))
-    idx = torch.arange((ntokens + nseq * (chunk_size - 1)) // chunk_size, device=cu_seqlens.device)
-    seq = torch.searchsorted(cu_chunks[1:], idx, right=True).clamp(max=nseq - 1)
-    start = cu_seqlens[seq] + (idx - cu_chunks[seq]) * chunk_size
-    length = (cu_seqlens[seq + 1] - start).clamp(0, chunk_size)
+    nrows = (ntokens + nseq * (chunk_size - 1)) // chunk_size
+    start, length, seq = torch.empty(3, nrows, dtype=torch.int64, device=cu_seqlens.device)
+    cu_chunks = torch.empty(nseq + 1, dtype=torch.int64, device=cu_seqlens.device)
+    _chunk_table_kernel[(triton.cdiv(nrows, _TABLE_ROWS),)](
+        cu_seqlens, start, length, seq, cu_chunks, nseq, nrows,
+        CHUNK=chunk_size, BLOCK_R=_TABLE_ROWS, BLOCK_S=_block(nseq, 64))
     return start, length, seq, cu_chunks
 
 
@@ -346,7 +397,7 @@ def _ssd_scan_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
     launch = LAUNCH
     low = launch.low_precision and x.is_cuda and x.dtype in _LOW_PRECISION
     dots = dict(DOT_DTYPE=_LOW_PRECISION[x.dtype] if low else tl.float32, DOT_PRECISION=precision,
-                num_warps=launch.num_warps, num_stages=launch.num_stages)
+                num_stages=launch.num_stages)
 
     block_h = _block(nheads, 16)
     _chunk_cumsum_kernel[(nchunks, triton.cdiv(nheads, block_h))](
@@ -362,16 +413,18 @@ def _ssd_scan_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
         headdim, dstate, per_group,
         x.stride(0), x.stride(1), B.stride(0), B.stride(1), dt_out.stride(1), dt_out.stride(0),
         states.stride(0), states.stride(1), states.stride(2),
-        CHUNK=chunk_size, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_K=_block(chunk_size, launch.state_block_k), **dots)
+        CHUNK=chunk_size, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_K=_block(chunk_size, launch.state_block_k),
+        num_warps=launch.state_warps, **dots)
 
     block = _block(headdim * dstate, launch.passing_block)
     init = initial_states if initial_states is not None else final    # a placeholder pointer when absent
+    entering = torch.empty_like(states, dtype=x.dtype) if low else states
     _state_passing_kernel[(triton.cdiv(headdim * dstate, block), nseq, nheads)](
-        states, dA_cs, cu_chunks, init, final,
+        states, dA_cs, cu_chunks, init, entering, final,
         headdim * dstate,
         states.stride(0), states.stride(1), dA_cs.stride(1), dA_cs.stride(0), init.stride(0), init.stride(1),
-        final.stride(0), final.stride(1),
-        CHUNK=chunk_size, HAS_INIT=initial_states is not None, BLOCK=block)
+        entering.stride(0), entering.stride(1), final.stride(0), final.stride(1),
+        CHUNK=chunk_size, HAS_INIT=initial_states is not None, BLOCK=block, num_warps=launch.passing_warps)
 
     block_m, block_dstate = _block(chunk_size, launch.scan_block_m), triton.next_power_of_2(max(dstate, 16))
     cb = y      # a placeholder pointer when the chunk scan computes C·Bᵀ itself
@@ -383,16 +436,16 @@ def _ssd_scan_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
             dstate,
             B.stride(0), B.stride(1), C.stride(0), C.stride(1), cb.stride(0), cb.stride(1), cb.stride(2),
             CHUNK=chunk_size, BLOCK_M=block_m, BLOCK_Q=max(16, triton.next_power_of_2(chunk_size)),
-            BLOCK_DSTATE=block_dstate, **dots)
+            BLOCK_DSTATE=block_dstate, num_warps=launch.scan_warps, **dots)
     grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(headdim, block_p), nchunks, nheads)
     _chunk_scan_kernel[grid](
-        x, B, C, dt_out, dA_cs, states, D, start, length, cb, y,
+        x, B, C, dt_out, dA_cs, entering, D, start, length, cb, y,
         headdim, dstate, per_group,
         x.stride(0), x.stride(1), B.stride(0), B.stride(1), C.stride(0), C.stride(1), dt_out.stride(1),
-        dt_out.stride(0), states.stride(0), states.stride(1), states.stride(2),
+        dt_out.stride(0), entering.stride(0), entering.stride(1), entering.stride(2),
         *(cb.stride()[:3] if launch.precompute_cb else (0, 0, 0)), y.stride(0), y.stride(1),
         BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_K=_block(chunk_size, launch.scan_block_k), BLOCK_DSTATE=block_dstate,
-        PRECOMPUTED_CB=launch.precompute_cb, **dots)
+        PRECOMPUTED_CB=launch.precompute_cb, num_warps=launch.scan_warps, **dots)
     return y, final
 
 
