@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import traceback
 from functools import partial
 from pathlib import Path
@@ -238,9 +239,9 @@ CASES: dict[str, Callable[[], None]] = {
 }
 
 
-def compile_sm90(kernel: Callable, io_ptrs: tuple[str, ...], constexprs: dict, options: dict | None = None) -> None:
-    """``kernel`` through Triton's whole compiler for an H100, at the launchers' block sizes; ``io_ptrs``
-    point to bf16 activations, the other pointers to fp32 (int64 for indices and offsets)."""
+def compile_sm90(kernel: Callable, io_ptrs: tuple[str, ...], constexprs: dict, options: dict | None = None) -> bytes:
+    """``kernel`` through Triton's whole compiler for an H100, at the launchers' block sizes, to a cubin;
+    ``io_ptrs`` point to bf16 activations, the other pointers to fp32 (int64 for indices and offsets)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
@@ -255,7 +256,22 @@ def compile_sm90(kernel: Callable, io_ptrs: tuple[str, ...], constexprs: dict, o
 
     signature = {name: arg_type(name) for name in kernel.arg_names}
     src = ASTSource(kernel, signature, {(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
-    assert compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
+    cubin = compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
+    assert cubin
+    return cubin
+
+
+def check_no_spills(names: tuple[str, ...]) -> None:
+    """The named kernels keep their values in registers on sm_90 (cuobjdump's resource usage: no stack, no
+    local memory): a spill would go through memory on every step of their loops."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    for name in names:
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+            cubin.write(SM90[name]())
+            cubin.flush()
+            usage = subprocess.run([str(tool), "-res-usage", cubin.name], capture_output=True, text=True,
+                                   check=True).stdout
+        assert "STACK:0 " in usage and "LOCAL:0 " in usage, f"{name} spills: {usage}"
 
 
 ACTIVATIONS = ("x_ptr", "B_ptr", "C_ptr", "y_ptr", "out_ptr")
@@ -294,6 +310,8 @@ SM90: dict[str, Callable[[], None]] = {
     "sm90/conv1d_update-rows-are-slots": partial(compile_sm90, _conv1d_update_kernel, ACTIVATIONS,
                                                  dict(WIDTH=4, HAS_BIAS=True, HAS_SLOTS=False, SILU=True, BLOCK_D=64,
                                                       BLOCK_W=4)),
+    # the GPU path's launch: bf16 dot operands at the default warps
+    "sm90/no-spills": partial(check_no_spills, ("sm90/chunk_state-bf16", "sm90/chunk_scan-bf16-precomputed-cb-False")),
 }
 
 

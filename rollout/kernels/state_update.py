@@ -114,9 +114,9 @@ def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tenso
     if x.shape[1] % B.shape[1]:
         raise ValueError(f"nheads ({x.shape[1]}) must be a multiple of ngroups ({B.shape[1]})")
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    slots = None if slot_idx is None else slot_idx.contiguous()
     _state_update_fwd(state, _inner_contiguous(x), dt, A.contiguous(), _inner_contiguous(B), _inner_contiguous(C),
-                      D.contiguous(), dt_bias.contiguous(), None if slot_idx is None else slot_idx.contiguous(), dt_limit,
-                      y)
+                      D.contiguous(), dt_bias.contiguous(), slots, dt_limit, y)
     return y
 
 
