@@ -308,8 +308,9 @@ def tune(setup: Setup, peak: float) -> None:
     grid = [Scan(scan_block_k=k, state_warps=w, scan_warps=w, low_precision=low, precompute_cb=cb)
             for cb, low, k, w in product((False, True), (False, True), (16, 32, 64), (4, 8))]
     scans = grid + [Scan(**change) for change in (
-        dict(state_block_n=128), dict(state_block_k=16), dict(state_block_k=64), dict(num_stages=1),
-        dict(num_stages=3), dict(num_stages=4), *(dict(passing_block=b) for b in (256, 1024, 2048)),
+        dict(state_block_n=128), dict(state_block_k=16), dict(state_block_k=64), dict(state_stages=2),
+        dict(state_stages=4), *(dict(scan_stages=n) for n in (1, 3, 4)),
+        *(dict(passing_block=b) for b in (256, 1024, 2048)),
         *(dict(passing_warps=w) for w in (1, 2, 8)), dict(scan_block_m=128), dict(scan_block_m=32),
         dict(precompute_cb=True, scan_block_m=128), dict(precompute_cb=True, scan_block_m=32))]
     if setup.device != "cuda":      # grid[-1] computes C·Bᵀ in its own kernel

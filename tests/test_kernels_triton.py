@@ -275,8 +275,8 @@ def check_no_spills(names: tuple[str, ...]) -> None:
 
 
 ACTIVATIONS = ("x_ptr", "B_ptr", "C_ptr", "y_ptr", "out_ptr")
-STATE_DOTS = dict(num_warps=LAUNCH.state_warps, num_stages=LAUNCH.num_stages)
-SCAN_DOTS = dict(num_warps=LAUNCH.scan_warps, num_stages=LAUNCH.num_stages)
+STATE_DOTS = dict(num_warps=LAUNCH.state_warps, num_stages=LAUNCH.state_stages)
+SCAN_DOTS = dict(num_warps=LAUNCH.scan_warps, num_stages=LAUNCH.scan_stages)
 DOT_DTYPES = (triton.language.float32, triton.language.bfloat16)   # fp32 operands, and low_precision's
 SM90: dict[str, Callable[[], None]] = {
     "sm90/chunk_table": partial(compile_sm90, _chunk_table_kernel, (), dict(CHUNK=128, BLOCK_R=128, BLOCK_S=64)),

@@ -300,17 +300,18 @@ def _chunk_scan_kernel(
 class ScanLaunch:
     """Block sizes and launch settings of the scan's kernels. ``ssd_scan`` reads the module's ``LAUNCH``;
     ``python -m bench.bench_kernels --tune`` times variants on a GPU. The defaults are the fastest of 41
-    variants timed on an H200 at Nemotron-H-8B shapes (batch 4 x 8,192 tokens, bf16)."""
+    variants timed on an H200 at Nemotron-H-8B shapes (batch 4 x 8,192 tokens, bf16), kernel by kernel."""
 
     state_block_k: int = 32      # tokens per step of the chunk-state loop
     state_block_n: int = 64      # dstate columns per chunk-state program
     state_warps: int = 4
+    state_stages: int = 3        # software-pipeline stages of the chunk-state loop
     passing_block: int = 512     # state elements per state-passing program
     passing_warps: int = 4
     scan_block_m: int = 64       # rows (tokens) of a chunk per chunk-scan program
     scan_block_k: int = 16       # tokens per step of the chunk-scan loop
     scan_warps: int = 4          # of the chunk scan and of the C·Bᵀ kernel
-    num_stages: int = 2          # of the tl.dot kernels
+    scan_stages: int = 2         # likewise
     # C·Bᵀ of each chunk and group in a kernel of its own, written out and read by each of the group's heads
     # (mamba_ssm's way), instead of computed again per head inside the chunk scan.
     precompute_cb: bool = False
@@ -323,7 +324,7 @@ class ScanLaunch:
 
 
 # With these the tl.dot kernels compile for sm_90 at Nemotron-H shapes (headdim 64, dstate 128, chunk 128)
-# with no register spills for bf16 operands (cuobjdump -res-usage: chunk scan 178 registers, chunk state 168);
+# with no register spills for bf16 operands (cuobjdump -res-usage: chunk scan 178 registers, chunk state 226);
 # fp32 operands (fp32 inputs) spill 48 bytes in the chunk scan.
 LAUNCH = ScanLaunch()
 
@@ -397,8 +398,7 @@ def _ssd_scan_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
     per_group, precision = nheads // ngroups, _dot_precision(x.dtype)
     launch = LAUNCH
     low = launch.low_precision and x.is_cuda and x.dtype in _LOW_PRECISION
-    dots = dict(DOT_DTYPE=_LOW_PRECISION[x.dtype] if low else tl.float32, DOT_PRECISION=precision,
-                num_stages=launch.num_stages)
+    dots = dict(DOT_DTYPE=_LOW_PRECISION[x.dtype] if low else tl.float32, DOT_PRECISION=precision)
 
     block_h = _block(nheads, 16)
     _chunk_cumsum_kernel[(nchunks, triton.cdiv(nheads, block_h))](
@@ -415,7 +415,7 @@ def _ssd_scan_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
         x.stride(0), x.stride(1), B.stride(0), B.stride(1), dt_out.stride(1), dt_out.stride(0),
         states.stride(0), states.stride(1), states.stride(2),
         CHUNK=chunk_size, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_K=_block(chunk_size, launch.state_block_k),
-        num_warps=launch.state_warps, **dots)
+        num_warps=launch.state_warps, num_stages=launch.state_stages, **dots)
 
     block = _block(headdim * dstate, launch.passing_block)
     init = initial_states if initial_states is not None else final    # a placeholder pointer when absent
@@ -437,7 +437,7 @@ def _ssd_scan_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
             dstate,
             B.stride(0), B.stride(1), C.stride(0), C.stride(1), cb.stride(0), cb.stride(1), cb.stride(2),
             CHUNK=chunk_size, BLOCK_M=block_m, BLOCK_Q=max(16, triton.next_power_of_2(chunk_size)),
-            BLOCK_DSTATE=block_dstate, num_warps=launch.scan_warps, **dots)
+            BLOCK_DSTATE=block_dstate, num_warps=launch.scan_warps, num_stages=launch.scan_stages, **dots)
     grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(headdim, block_p), nchunks, nheads)
     _chunk_scan_kernel[grid](
         x, B, C, dt_out, dA_cs, entering, D, start, length, cb, y,
@@ -446,7 +446,7 @@ def _ssd_scan_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
         dt_out.stride(0), entering.stride(0), entering.stride(1), entering.stride(2),
         *(cb.stride()[:3] if launch.precompute_cb else (0, 0, 0)), y.stride(0), y.stride(1),
         BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_K=_block(chunk_size, launch.scan_block_k), BLOCK_DSTATE=block_dstate,
-        PRECOMPUTED_CB=launch.precompute_cb, num_warps=launch.scan_warps, **dots)
+        PRECOMPUTED_CB=launch.precompute_cb, num_warps=launch.scan_warps, num_stages=launch.scan_stages, **dots)
     return y, final
 
 
