@@ -70,8 +70,8 @@ class StepLaunch:
     """The decode step's launch; ``selective_state_update`` reads the module's ``STEP_LAUNCH``, and
     ``python -m bench.bench_kernels --tune`` times variants on a GPU. None: a (headdim block, warps) per
     dstate that keeps a program's state block in registers: mamba_ssm's, except at dstate 128 (Nemotron-H),
-    where 32 rows and 4 warps ran at 78-88% of an H200's copy bandwidth from batch 16 to 256, against
-    45-66% for mamba_ssm's 4 rows."""
+    where 32 rows and 4 warps ran at 79-88% of an H200's copy bandwidth from batch 16 to 256 in a tuning
+    run, against 45-66% for mamba_ssm's 4 rows."""
 
     block_p: int | None = None    # headdim rows per program
     num_warps: int | None = None
