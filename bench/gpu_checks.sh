@@ -7,7 +7,8 @@
 #
 # Steps, most decisive first, each under its own time limit, each writing OUT_DIR/<step>.txt as it runs
 # (a run cut short keeps what finished):
-#   tests    the CUDA tests: the decode step replayed as CUDA graphs equals the eager step, token for token
+#   tests    the CUDA tests: the decode step replayed as CUDA graphs equals the eager step, token for token,
+#            and the kernels at Nemotron-H's head shapes with bf16 activations equal their references
 #   kernels  the decode-step kernel against the HBM roofline at Nemotron-H-8B shapes, batch 1 to 256, and the
 #            prefill scan against mamba_ssm's mamba_chunk_scan_combined at batch 4 x 8,192 tokens
 #   rollout  the engine against generate(), and against itself without CUDA graphs and reading the tokens
@@ -29,9 +30,10 @@ step() {
 }
 
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')" || exit 1
-# Limits from a run on an H200 (2026-12-04): tests 14 s; generate() alone takes about 25 s per call of 256
-# tokens at batch 1 and 34 s at batch 16 on the PyTorch path, hence one timed run per batch.
-step tests 45 -m pytest -q -p no:cacheprovider tests/test_rollout_graphs.py
+# Limits (600 s in all) from runs on an H200 (2026-12-04): the graph tests took 14 s (the kernel tests, added
+# since, compile five kernels more), the kernels 40 s, the decode about 170 s; generate() alone takes about 25 s
+# per call of 256 tokens at batch 1 and 34 s at batch 16 on the PyTorch path, hence one timed run per batch.
+step tests 90 -m pytest -q -p no:cacheprovider tests/test_rollout_graphs.py tests/test_kernels_cuda.py
 step kernels 120 -m bench.bench_kernels ${MAMBA_SRC:+--mamba-src "$MAMBA_SRC"}
 step rollout 190 -m bench.bench_rollout --layout nemotron-h-8b --hidden 512 --dtype bfloat16 --repeats 1
-step decode 225 -m bench.bench_hybrid --full --layout nemotron-nano-9b-v2 --shapes 8192/256x64 --out "$OUT/decode"
+step decode 200 -m bench.bench_hybrid --full --layout nemotron-nano-9b-v2 --shapes 8192/256x64 --out "$OUT/decode"

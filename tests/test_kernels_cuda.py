@@ -1,0 +1,75 @@
+"""The Triton kernels compiled for a GPU, at Nemotron-H's head shapes, with bf16 activations: the path the engine
+takes there (bf16 dot operands, entering states written in bf16, the one-launch chunk table, packed prompts with
+their own initial states), against the references.
+
+The tolerance is the bench's: the largest difference over the largest reference value, below 1e-2 (one bf16
+rounding of the operands). The CPU twins are the interpreter cases of ``test_kernels_triton.py``: the same
+kernels and launchers at small shapes, where dot operands stay fp32.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rollout.kernels import (causal_conv1d_ref, causal_conv1d_triton, selective_state_update_ref,
+                             selective_state_update_triton, ssd_scan_ref, ssd_scan_triton)
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU; the interpreter cases of "
+                                "test_kernels_triton.py are the CPU twins")
+
+HEADS, HEADDIM, DSTATE, GROUPS = 16, 64, 128, 2      # Nemotron-H-8B's head shapes, fewer heads
+LIMIT = (0.001, float("inf"))
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+
+
+def bf16(g: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=g, device="cuda").bfloat16()
+
+
+def fp32(g: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=g, device="cuda")
+
+
+@pytest.mark.parametrize("lengths", [(1000, 1000), (300, 1, 129, 700)], ids=["two-rows", "packed"])
+def test_ssd_scan(lengths: tuple[int, ...]) -> None:
+    """Equal rows, or prompts packed into one row (lengths past, at and under one chunk of 128)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    packed = len(set(lengths)) > 1
+    batch, T = (1, sum(lengths)) if packed else (len(lengths), lengths[0])
+    args = dict(x=bf16(g, batch, T, HEADS, HEADDIM), dt=bf16(g, batch, T, HEADS),
+                A=-torch.rand(HEADS, generator=g, device="cuda") * 8 - 1, B=bf16(g, batch, T, GROUPS, DSTATE),
+                C=bf16(g, batch, T, GROUPS, DSTATE), D=fp32(g, HEADS), dt_bias=fp32(g, HEADS) * 0.5)
+    cu = torch.tensor([0, *lengths], device="cuda").cumsum(0) if packed else None
+    kw = dict(chunk_size=128, dt_limit=LIMIT, initial_states=fp32(g, len(lengths), HEADS, HEADDIM, DSTATE),
+              cu_seqlens=cu)
+    (y, final), (want_y, want_final) = ssd_scan_triton(**args, **kw), ssd_scan_ref(**args, **kw)
+    assert y.dtype == torch.bfloat16 and final.dtype == torch.float32
+    assert rel_err(y, want_y) < 1e-2 and rel_err(final, want_final) < 1e-2
+
+
+def test_state_update() -> None:
+    """Slots permuted, one padding row: the default launch's rows per program cover the head dim."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    batch, nslots = 9, 12
+    slots = torch.tensor([3, 0, 11, -1, 5, 7, 1, 2, 9], device="cuda")
+    state = fp32(g, nslots, HEADS, HEADDIM, DSTATE)
+    args = (bf16(g, batch, HEADS, HEADDIM), bf16(g, batch, HEADS), -torch.rand(HEADS, generator=g, device="cuda"),
+            bf16(g, batch, GROUPS, DSTATE), bf16(g, batch, GROUPS, DSTATE), fp32(g, HEADS), fp32(g, HEADS) * 0.5)
+    got, want = state.clone(), state.clone()
+    y = selective_state_update_triton(got, *args, slot_idx=slots, dt_limit=LIMIT)
+    want_y = selective_state_update_ref(want, *args, slot_idx=slots, dt_limit=LIMIT)
+    assert rel_err(y, want_y) < 1e-2 and rel_err(got, want) < 1e-2
+    assert torch.equal(got[[4, 6, 8, 10]], state[[4, 6, 8, 10]]) and not y[3].any()
+
+
+def test_conv1d_packed() -> None:
+    g = torch.Generator(device="cuda").manual_seed(2)
+    dim, cu = HEADS * HEADDIM + 2 * GROUPS * DSTATE, torch.tensor([0, 2, 130, 500], device="cuda")
+    args = (bf16(g, 1, 500, dim), bf16(g, dim, 4), bf16(g, dim))
+    (out, states), (want_out, want_states) = (causal_conv1d_triton(*args, cu_seqlens=cu),
+                                              causal_conv1d_ref(*args, cu_seqlens=cu))
+    assert rel_err(out, want_out) < 1e-2 and rel_err(states, want_states) < 1e-2
