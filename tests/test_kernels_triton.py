@@ -278,7 +278,7 @@ ACTIVATIONS = ("x_ptr", "B_ptr", "C_ptr", "y_ptr", "out_ptr")
 STATE_DOTS = dict(num_warps=LAUNCH.state_warps, num_stages=LAUNCH.state_stages)
 SCAN_DOTS = dict(num_warps=LAUNCH.scan_warps, num_stages=LAUNCH.scan_stages)
 DOT_DTYPES = (triton.language.float32, triton.language.bfloat16)   # fp32 operands, and low_precision's
-SM90: dict[str, Callable[[], None]] = {
+SM90: dict[str, Callable[[], object]] = {
     "sm90/chunk_table": partial(compile_sm90, _chunk_table_kernel, (), dict(CHUNK=128, BLOCK_R=128, BLOCK_S=64)),
     "sm90/chunk_cumsum": partial(compile_sm90, _chunk_cumsum_kernel, ("dt_ptr",),
                                  dict(CHUNK=128, BLOCK_H=16, BLOCK_Q=128)),
@@ -300,9 +300,9 @@ SM90: dict[str, Callable[[], None]] = {
                                               DOT_PRECISION="tf32"), SCAN_DOTS)
        for dtype in DOT_DTYPES},
     "sm90/state_update": partial(compile_sm90, _state_update_kernel, (*ACTIVATIONS, "dt_ptr"),
-                                 dict(HAS_SLOTS=True, BLOCK_P=4, BLOCK_N=128)),
+                                 dict(HAS_SLOTS=True, BLOCK_P=32, BLOCK_N=128), dict(num_warps=4)),
     "sm90/state_update-rows-are-slots": partial(compile_sm90, _state_update_kernel, (*ACTIVATIONS, "dt_ptr"),
-                                                dict(HAS_SLOTS=False, BLOCK_P=4, BLOCK_N=128)),
+                                                dict(HAS_SLOTS=False, BLOCK_P=32, BLOCK_N=128), dict(num_warps=4)),
     "sm90/conv1d": partial(compile_sm90, _conv1d_kernel, (*ACTIVATIONS, "states_ptr"),
                            dict(WIDTH=4, HAS_BIAS=True, SILU=True, BLOCK_T=64, BLOCK_D=64, BLOCK_W=4)),
     "sm90/conv1d_update": partial(compile_sm90, _conv1d_update_kernel, ACTIVATIONS,
@@ -310,8 +310,9 @@ SM90: dict[str, Callable[[], None]] = {
     "sm90/conv1d_update-rows-are-slots": partial(compile_sm90, _conv1d_update_kernel, ACTIVATIONS,
                                                  dict(WIDTH=4, HAS_BIAS=True, HAS_SLOTS=False, SILU=True, BLOCK_D=64,
                                                       BLOCK_W=4)),
-    # the GPU path's launch: bf16 dot operands at the default warps
-    "sm90/no-spills": partial(check_no_spills, ("sm90/chunk_state-bf16", "sm90/chunk_scan-bf16-precomputed-cb-False")),
+    # the GPU path's launch: bf16 dot operands at the default warps, and the decode step at state size 128
+    "sm90/no-spills": partial(check_no_spills, ("sm90/chunk_state-bf16", "sm90/chunk_scan-bf16-precomputed-cb-False",
+                                                "sm90/state_update")),
 }
 
 
