@@ -31,6 +31,7 @@ import traceback
 import types
 from dataclasses import dataclass, fields
 from datetime import datetime
+from functools import partial
 from itertools import product
 from typing import Callable
 
@@ -70,7 +71,7 @@ NEMOTRON_H_8B = Setup("cuda", nheads=128, headdim=64, dstate=128, ngroups=8, chu
                       decode_batches=tuple(2 ** i for i in range(9)), prefill_batch=4, prefill_len=8192,
                       copy_bytes=2 ** 30, flush_bytes=2 ** 28, warmup=10, iters=100)
 CPU_SMOKE = Setup("cpu", nheads=4, headdim=16, dstate=16, ngroups=2, chunk_size=16, decode_batches=(1, 2, 4),
-                  prefill_batch=2, prefill_len=40, copy_bytes=2 ** 22, flush_bytes=2 ** 20, warmup=1, iters=2)
+                  prefill_batch=2, prefill_len=40, copy_bytes=2 ** 22, flush_bytes=2 ** 13, warmup=1, iters=2)
 
 
 def median_seconds(fn: Callable[[], object], setup: Setup) -> float:
@@ -109,6 +110,38 @@ def queued_seconds(fn: Callable[[], object], setup: Setup) -> float:
     return (time.perf_counter() - begin) / setup.iters
 
 
+def graphed_seconds(calls: list[Callable[[], object]], setup: Setup) -> float:
+    """Time per call of ``calls`` run in turn with nothing between them, ``setup.iters`` times over: on a GPU
+    replayed from one CUDA graph, as the engine's decode steps are, so that no launch gap or host work
+    counts (on CPU, the plain loop)."""
+    if setup.device != "cuda":
+        for call in calls:
+            call()
+        begin = time.perf_counter()
+        for _ in range(setup.iters):
+            for call in calls:
+                call()
+        return (time.perf_counter() - begin) / (setup.iters * len(calls))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):   # warm-up outside the recording, as rollout/graphs.py does
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(setup.iters):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / (setup.iters * len(calls))
+
+
 def peak_bandwidth(setup: Setup) -> float:
     """Bytes per second of a device-to-device copy (read plus write) too large for any cache."""
     src = torch.empty(setup.copy_bytes, dtype=torch.uint8, device=setup.device)
@@ -136,8 +169,9 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> str:
 
 
 def decode_rows(setup: Setup, peak: float) -> list[list[str]]:
-    """One row per batch size: batch, time_us, MB, GB/s, %peak, rel_err. A fresh state per batch, so the
-    larger ones do not fit in L2."""
+    """One row per batch size: batch, time_us, MB, GB/s, %peak, graphed_%peak, rel_err. A fresh state per
+    batch, so the larger ones do not fit in L2. graphed_%peak: steps back to back in a CUDA graph, each on
+    its own copy of the state, with enough copies (twice the L2-flush size) that none is read from L2."""
     h, p, n, g = setup.nheads, setup.headdim, setup.dstate, setup.ngroups
     bf16 = dict(device=setup.device, dtype=torch.bfloat16)
     params = model_params(setup)
@@ -156,16 +190,19 @@ def decode_rows(setup: Setup, peak: float) -> list[list[str]]:
         err = max(rel_err(step(selective_state_update_triton, got), step(selective_state_update_ref, want)),
                   rel_err(got, want))
         seconds = median_seconds(lambda: step(selective_state_update_triton, state), setup)
+        states = [state, *(torch.randn_like(state) for _ in range(max(1, -(-2 * setup.flush_bytes // state.nbytes))))]
+        graphed = graphed_seconds([partial(step, selective_state_update_triton, s) for s in states], setup)
         moved = 2 * state.nbytes + x.nbytes + sum(t.nbytes for t in (*args, slot_idx))   # y is shaped as x
         rows.append([str(batch), f"{seconds * 1e6:.1f}", f"{moved / 1e6:.2f}", f"{moved / seconds / 1e9:.1f}",
-                     f"{100 * moved / seconds / peak:.1f}", f"{err:.1e}"])
+                     f"{100 * moved / seconds / peak:.1f}", f"{100 * moved / graphed / peak:.1f}", f"{err:.1e}"])
     return rows
 
 
 def decode(setup: Setup, peak: float) -> str:
     title = (f"decode: selective_state_update, nheads {setup.nheads}, headdim {setup.headdim}, dstate "
              f"{setup.dstate}, ngroups {setup.ngroups}, fp32 state, bf16 x/dt/B/C, slots permuted")
-    return table(title, ["batch", "time_us", "MB", "GB/s", "%peak", "rel_err"], decode_rows(setup, peak))
+    return table(title, ["batch", "time_us", "MB", "GB/s", "%peak", "graphed_%peak", "rel_err"],
+                 decode_rows(setup, peak))
 
 
 def import_skipping_package_init(package: str, module: str) -> types.ModuleType:
@@ -263,7 +300,7 @@ def tune_decode(setup: Setup, peak: float, launches: list) -> str:
     for launch in launches:
         module.STEP_LAUNCH = launch
         result = decode_rows(setup, peak)
-        rows.append([differences(launch), *(r[4] for r in result), f"{max(float(r[5]) for r in result):.1e}"])
+        rows.append([differences(launch), *(r[4] for r in result), f"{max(float(r[-1]) for r in result):.1e}"])
     module.STEP_LAUNCH = module.StepLaunch()
     return table("decode: % of peak bandwidth per launch variant and batch (rel_err: the largest of the row)",
                  ["variant", *map(str, setup.decode_batches), "rel_err"], rows)

@@ -387,7 +387,7 @@ def test_bench_cpu_smoke_prints_the_tables() -> None:
     assert lines[0].startswith("# rollout kernels | device: CPU") and lines[1].startswith("peak bandwidth")
     first = next(i for i, line in enumerate(lines) if line.split()[:2] == ["batch", "time_us"]) + 1
     decode = [line.split() for line in lines[first:first + 3]]
-    assert [row[0] for row in decode] == ["1", "2", "4"] and all(len(row) == 6 for row in decode)
+    assert [row[0] for row in decode] == ["1", "2", "4"] and all(len(row) == 7 for row in decode)
     prefill = next(line.split() for line in lines if line.startswith("ssd_scan "))
     assert all(float(row[-1]) < 1e-2 for row in [*decode, prefill])     # rel_err: one bf16 rounding at most
     assert any(line.startswith("mamba_ssm") and "skipped" in line for line in lines)
