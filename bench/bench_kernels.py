@@ -299,16 +299,18 @@ def differences(launch: object) -> str:
 
 
 def tune_decode(setup: Setup, peak: float, launches: list) -> str:
-    """% of peak bandwidth of the decode step per launch variant (rows) and batch size (columns)."""
+    """% of peak bandwidth of the decode step per launch variant (rows) and batch size (columns), each cell
+    the step timed alone and back to back in a CUDA graph (``decode_rows``' %peak/graphed_%peak)."""
     module = importlib.import_module("rollout.kernels.state_update")
     rows = []
     for launch in launches:
         module.STEP_LAUNCH = launch
         result = decode_rows(setup, peak)
-        rows.append([differences(launch), *(r[4] for r in result), f"{max(float(r[-1]) for r in result):.1e}"])
+        rows.append([differences(launch), *(f"{r[4]}/{r[5]}" for r in result),
+                     f"{max(float(r[-1]) for r in result):.1e}"])
     module.STEP_LAUNCH = module.StepLaunch()
-    return table("decode: % of peak bandwidth per launch variant and batch (rel_err: the largest of the row)",
-                 ["variant", *map(str, setup.decode_batches), "rel_err"], rows)
+    return table("decode: % of peak bandwidth per launch variant and batch, alone/graphed "
+                 "(rel_err: the largest of the row)", ["variant", *map(str, setup.decode_batches), "rel_err"], rows)
 
 
 def tune_prefill(setup: Setup, launches: list) -> str:
