@@ -1,6 +1,6 @@
 """The Triton kernels compiled for a GPU, at Nemotron-H's head shapes, with bf16 activations: the path the engine
-takes there (bf16 dot operands, entering states written in bf16, the one-launch chunk table, packed prompts with
-their own initial states), against the references.
+takes there (bf16 dot operands, entering states written in bf16, the chunk table written by the chunk cumsum,
+packed prompts with their own initial states), against the references.
 
 The tolerance is the bench's: the largest difference over the largest reference value, below 1e-2 (one bf16
 rounding of the operands). The CPU twins are the interpreter cases of ``test_kernels_triton.py``: the same

@@ -8,7 +8,7 @@ default), none sees another's tokens, and each gets its own final state back for
 
 The Triton op runs four kernels, as mamba_ssm does: chunk cumsum (dt and its running decay), chunk state
 (what each chunk adds to the state), state passing (the only serial loop, per sequence over its chunks)
-and chunk scan (the outputs), after a small one that builds the chunk table. Unlike mamba_ssm, chunks are
+and chunk scan (the outputs). The chunk cumsum also writes the chunk table the others read. Unlike mamba_ssm, chunks are
 cut per sequence (as in the reference, and vLLM's varlen design): a chunk never holds two sequences, so a
 packed row needs no in-kernel resets, the state passing starts each sequence from its own initial state
 and ends on its own final state. By default C·Bᵀ is computed inside the chunk scan, per head;
@@ -37,24 +37,19 @@ def _discretize_dt_tl(dt, dt_bias, dt_min, dt_max):
 
 
 @triton.jit
-def _chunk_table_kernel(
-    # Pointers
-    cu_seqlens_ptr, chunk_start_ptr, chunk_len_ptr, chunk_seq_ptr, cu_chunks_ptr,
-    # Dimensions
-    nseq, nrows,
-    # Meta-parameters
-    CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    """The chunk table's rows of one block: sequences are walked in blocks, each block's chunk offsets
-    are a running sum of ``ceil(length / CHUNK)``, and a row takes the values of the sequence whose chunks
-    cover it (rows no sequence covers keep 0). Program 0 also writes ``cu_chunks``."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    start = tl.zeros((BLOCK_R,), dtype=tl.int64)
-    length = tl.zeros((BLOCK_R,), dtype=tl.int64)
-    seq = tl.zeros((BLOCK_R,), dtype=tl.int64)
+def _chunk_rows(cu_seqlens_ptr, cu_chunks_ptr, rows, nseq, write_cu_chunks,
+                CHUNK: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The chunk table's entries for ``rows`` (int64 chunk indices): each chunk's first token, length and
+    sequence. Chunks are cut from each sequence's start, so a chunk never holds two sequences. Sequences are
+    walked in blocks, each block's chunk offsets a running sum of ``ceil(length / CHUNK)``, and a row takes
+    the values of the sequence whose chunks cover it (rows past the real chunks get 0). Computed where it
+    is needed, so the table costs no launch of its own; ``write_cu_chunks`` (one program) also stores each
+    sequence's chunk offsets, which the state passing walks."""
+    start = tl.zeros_like(rows)
+    length = tl.zeros_like(rows)
+    seq = tl.zeros_like(rows)
     done = tl.sum(start, axis=0)    # chunks of the sequences before this block of them (an int64 zero)
-    first_program = tl.program_id(0) == 0
-    if first_program:
+    if write_cu_chunks:
         tl.store(cu_chunks_ptr, done)
     for s0 in range(0, nseq, BLOCK_S):
         seqs = s0 + tl.arange(0, BLOCK_S)
@@ -68,35 +63,48 @@ def _chunk_table_kernel(
         start += tl.sum(tl.where(covers, at, 0), axis=1)
         length += tl.sum(tl.where(covers, tl.minimum(hi[None, :] - at, CHUNK), 0), axis=1)
         seq += tl.sum(tl.where(covers, seqs[None, :].to(tl.int64), 0), axis=1)
-        if first_program:
+        if write_cu_chunks:
             tl.store(cu_chunks_ptr + 1 + seqs, ends, mask=valid)
         done += tl.sum(counts, axis=0)
-    mask = rows < nrows
-    tl.store(chunk_start_ptr + rows, start, mask=mask)
-    tl.store(chunk_len_ptr + rows, length, mask=mask)
-    tl.store(chunk_seq_ptr + rows, seq, mask=mask)
+    return start, length, seq
+
+
+@triton.jit
+def _chunk_row(cu_seqlens_ptr, cu_chunks_ptr, row, nseq, write_cu_chunks,
+               CHUNK: tl.constexpr, BLOCK_S: tl.constexpr):
+    """``_chunk_rows`` for the one chunk ``row`` of a program, as three int64 scalars."""
+    rows = row + tl.zeros((1,), dtype=tl.int64)
+    start, length, seq = _chunk_rows(cu_seqlens_ptr, cu_chunks_ptr, rows, nseq, write_cu_chunks, CHUNK, BLOCK_S)
+    return tl.sum(start, axis=0), tl.sum(length, axis=0), tl.sum(seq, axis=0)
 
 
 @triton.jit
 def _chunk_cumsum_kernel(
     # Pointers
-    dt_ptr, A_ptr, dt_bias_ptr, chunk_start_ptr, chunk_len_ptr, dt_out_ptr, dA_cs_ptr,
+    dt_ptr, A_ptr, dt_bias_ptr, cu_seqlens_ptr, chunk_start_ptr, chunk_len_ptr, chunk_seq_ptr, cu_chunks_ptr,
+    dt_out_ptr, dA_cs_ptr,
     # Dimensions
-    nheads, dt_min, dt_max,
+    nheads, nseq, dt_min, dt_max,
     # Strides
     stride_dt_t, stride_dt_h, stride_out_h, stride_out_c,
     # Meta-parameters
-    CHUNK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_Q: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """dt and the running sum of dt * A over one chunk, for a block of heads. Past the chunk's end dt is 0,
-    so the last column of the running sum is the decay of the whole chunk."""
+    so the last column of the running sum is the decay of the whole chunk. The first block of heads also
+    writes the chunk's row of the chunk table, for the kernels after this one."""
     pid_c = tl.program_id(0).to(tl.int64)
-    length = tl.load(chunk_len_ptr + pid_c)
+    first_heads = tl.program_id(1) == 0
+    start, length, seq = _chunk_row(cu_seqlens_ptr, cu_chunks_ptr, pid_c, nseq, first_heads & (pid_c == 0),
+                                    CHUNK, BLOCK_S)
+    if first_heads:
+        tl.store(chunk_start_ptr + pid_c, start)
+        tl.store(chunk_len_ptr + pid_c, length)
+        tl.store(chunk_seq_ptr + pid_c, seq)
     if length == 0:     # a spare row of the chunk table
         return
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_q = tl.arange(0, BLOCK_Q)
-    start = tl.load(chunk_start_ptr + pid_c)
     mask_h = offs_h < nheads
     mask = mask_h[:, None] & (offs_q < length)[None, :]
     dt = tl.load(dt_ptr + (start + offs_q)[None, :] * stride_dt_t + offs_h[:, None] * stride_dt_h, mask=mask,
@@ -329,9 +337,6 @@ class ScanLaunch:
 LAUNCH = ScanLaunch()
 
 
-_TABLE_ROWS = 128      # chunk-table rows per program
-
-
 def _block(size: int, cap: int) -> int:
     """A power-of-two block covering ``size`` up to ``cap``, at least 16 (the smallest tl.dot operand)."""
     return max(16, min(cap, triton.next_power_of_2(size)))
@@ -357,25 +362,46 @@ def _flat_cu_seqlens(batch: int, seqlen: int, cu_seqlens: torch.Tensor | None,
     """int64 sequence offsets over the batch * seqlen flattened tokens: one sequence per row, or row 0's
     packed ones; either way the kernels only ever see packed sequences."""
     if cu_seqlens is None:
-        return torch.arange(batch + 1, device=device, dtype=torch.int64) * seqlen
+        return torch.arange(0, (batch + 1) * seqlen, seqlen, device=device, dtype=torch.int64)
     if batch != 1:
         raise ValueError(f"packed sequences (cu_seqlens) need batch 1, got {batch}")
     return cu_seqlens.to(device=device, dtype=torch.int64)
 
 
-def _chunk_table(cu_seqlens: torch.Tensor, ntokens: int,
-                 chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Chunks of at most ``chunk_size`` tokens cut from each sequence's start: per chunk its first token,
-    length and sequence, and the chunk offsets of each sequence (``cu_chunks``). One launch and no host sync:
-    the table has an upper bound of rows, and those past the real chunks have length 0."""
+def _max_chunks(ntokens: int, nseq: int, chunk_size: int) -> int:
+    """The chunk table's rows: at most this many chunks cut ``ntokens`` into ``nseq`` sequences, so the
+    table needs no host sync to size. Rows past the real chunks get length 0."""
+    return (ntokens + nseq * (chunk_size - 1)) // chunk_size
+
+
+class Chunks(NamedTuple):
+    """The chunk table (per chunk its first token, length and sequence; per sequence its chunk offsets) and
+    what the chunk cumsum computes over it: dt and the running sum of dt * A, each [nchunks, nheads, chunk]."""
+
+    start: torch.Tensor
+    length: torch.Tensor
+    seq: torch.Tensor
+    cu_chunks: torch.Tensor
+    dt: torch.Tensor
+    dA_cs: torch.Tensor
+
+
+def _chunk_cumsum(dt: torch.Tensor, A: torch.Tensor, dt_bias: torch.Tensor, cu_seqlens: torch.Tensor,
+                  chunk_size: int, dt_limit: tuple[float, float]) -> Chunks:
+    """Launches the chunk cumsum over packed tokens, dt [T, H]: the first kernel of the scan, one launch."""
+    ntokens, nheads = dt.shape
     nseq = cu_seqlens.numel() - 1
-    nrows = (ntokens + nseq * (chunk_size - 1)) // chunk_size
-    start, length, seq = torch.empty(3, nrows, dtype=torch.int64, device=cu_seqlens.device)
-    cu_chunks = torch.empty(nseq + 1, dtype=torch.int64, device=cu_seqlens.device)
-    _chunk_table_kernel[(triton.cdiv(nrows, _TABLE_ROWS),)](
-        cu_seqlens, start, length, seq, cu_chunks, nseq, nrows,
-        CHUNK=chunk_size, BLOCK_R=_TABLE_ROWS, BLOCK_S=_block(nseq, 64))
-    return start, length, seq, cu_chunks
+    nchunks = _max_chunks(ntokens, nseq, chunk_size)
+    start, length, seq = torch.empty(3, nchunks, dtype=torch.int64, device=dt.device)
+    cu_chunks = torch.empty(nseq + 1, dtype=torch.int64, device=dt.device)
+    dt_out, dA_cs = torch.empty(2, nchunks, nheads, chunk_size, dtype=torch.float32, device=dt.device)
+    block_h = _block(nheads, 16)
+    _chunk_cumsum_kernel[(nchunks, triton.cdiv(nheads, block_h))](
+        dt, A, dt_bias, cu_seqlens, start, length, seq, cu_chunks, dt_out, dA_cs,
+        nheads, nseq, float(dt_limit[0]), float(dt_limit[1]),
+        dt.stride(0), dt.stride(1), dt_out.stride(1), dt_out.stride(0),
+        CHUNK=chunk_size, BLOCK_H=block_h, BLOCK_Q=triton.next_power_of_2(chunk_size), BLOCK_S=_block(nseq, 64))
+    return Chunks(start, length, seq, cu_chunks, dt_out, dA_cs)
 
 
 def _ssd_scan_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -387,26 +413,15 @@ def _ssd_scan_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
     ntokens, nheads, headdim = x.shape
     ngroups, dstate = B.shape[1:]
     nseq = cu_seqlens.numel() - 1
-    start, length, _, cu_chunks = _chunk_table(cu_seqlens, ntokens, chunk_size)
-    nchunks = start.numel()
-    f32 = dict(device=x.device, dtype=torch.float32)
-    dt_out = torch.empty(nchunks, nheads, chunk_size, **f32)
-    dA_cs = torch.empty_like(dt_out)
-    states = torch.empty(nchunks, nheads, headdim, dstate, **f32)
-    final = torch.empty(nseq, nheads, headdim, dstate, **f32)
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
     per_group, precision = nheads // ngroups, _dot_precision(x.dtype)
     launch = LAUNCH
     low = launch.low_precision and x.is_cuda and x.dtype in _LOW_PRECISION
     dots = dict(DOT_DTYPE=_LOW_PRECISION[x.dtype] if low else tl.float32, DOT_PRECISION=precision)
-
-    block_h = _block(nheads, 16)
-    _chunk_cumsum_kernel[(nchunks, triton.cdiv(nheads, block_h))](
-        dt, A, dt_bias, start, length, dt_out, dA_cs,
-        nheads, float(dt_limit[0]), float(dt_limit[1]),
-        dt.stride(0), dt.stride(1), dt_out.stride(1), dt_out.stride(0),
-        CHUNK=chunk_size, BLOCK_H=block_h, BLOCK_Q=triton.next_power_of_2(chunk_size))
-
+    # Each buffer is allocated just before the kernel that fills it: the host's work until the chunk state,
+    # the first long kernel, is time the device waits for when the scan starts from idle.
+    start, length, _, cu_chunks, dt_out, dA_cs = _chunk_cumsum(dt, A, dt_bias, cu_seqlens, chunk_size, dt_limit)
+    nchunks = start.numel()
+    states = torch.empty(nchunks, nheads, headdim, dstate, device=x.device, dtype=torch.float32)
     block_p, block_n = _block(headdim, 64), _block(dstate, launch.state_block_n)
     grid = (triton.cdiv(headdim, block_p) * triton.cdiv(dstate, block_n), nchunks, nheads)
     _chunk_state_kernel[grid](
@@ -418,6 +433,7 @@ def _ssd_scan_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
         num_warps=launch.state_warps, num_stages=launch.state_stages, **dots)
 
     block = _block(headdim * dstate, launch.passing_block)
+    final = torch.empty(nseq, nheads, headdim, dstate, device=x.device, dtype=torch.float32)
     init = initial_states if initial_states is not None else final    # a placeholder pointer when absent
     entering = torch.empty_like(states, dtype=x.dtype) if low else states
     _state_passing_kernel[(triton.cdiv(headdim * dstate, block), nseq, nheads)](
@@ -427,6 +443,7 @@ def _ssd_scan_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
         entering.stride(0), entering.stride(1), final.stride(0), final.stride(1),
         CHUNK=chunk_size, HAS_INIT=initial_states is not None, BLOCK=block, num_warps=launch.passing_warps)
 
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
     block_m, block_dstate = _block(chunk_size, launch.scan_block_m), triton.next_power_of_2(max(dstate, 16))
     cb = y      # a placeholder pointer when the chunk scan computes C·Bᵀ itself
     if launch.precompute_cb:
