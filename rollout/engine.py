@@ -113,10 +113,14 @@ def _fp32(norm: Any, x: torch.Tensor) -> bool:
 
 
 def rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
-    """``NemotronHRMSNorm``. In fp32, one fused call instead of its seven (a decode step runs a norm per
-    layer, and at small batch each call's overhead is its cost). In lower precision, the module itself:
-    where it rounds changed between transformers releases (to bf16 before the weight multiply up to 5.17,
-    after it from 5.18), and the engine must round where the training model does."""
+    """``NemotronHRMSNorm``. A decode step runs a norm per layer, and at decode sizes each call's overhead is
+    its cost, so the module's seven calls become one: on a GPU the Triton kernel, which rounds where the
+    module does; on CPU in fp32 a fused PyTorch call. On CPU in lower precision, the module itself: where it
+    rounds changed between transformers releases (to bf16 before the weight multiply up to 5.17, after it
+    from 5.18), and the engine must round where the training model does (the kernel's tests compare it
+    with the installed module)."""
+    if x.is_cuda:
+        return kernels.rms_norm(x, norm.weight, eps=norm.variance_epsilon)
     if not _fp32(norm, x):
         return norm(x)
     return F.rms_norm(x, x.shape[-1:], norm.weight, norm.variance_epsilon)
@@ -124,7 +128,9 @@ def rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
 
 def gated_rms_norm(norm: Any, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """``NemotronHRMSNormGated``: x * silu(gate), normalized per group of ``norm.group_size`` channels;
-    fused in fp32 and the module itself in lower precision, as ``rms_norm``."""
+    one kernel on a GPU, fused in fp32 and the module itself in lower precision on CPU, as ``rms_norm``."""
+    if x.is_cuda:
+        return kernels.gated_rms_norm(x, gate, norm.weight, eps=norm.variance_epsilon, group_size=norm.group_size)
     if not _fp32(norm, x):
         return norm(x, gate)
     groups = (x * F.silu(gate)).unflatten(-1, (-1, norm.group_size))

@@ -31,12 +31,15 @@ from packaging.version import Version
 
 from bench.common import bench_tokenizer, chat_prompts
 from model.factory import build_model
+from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHRMSNorm, NemotronHRMSNormGated
 from rollout import kernels
-from rollout.kernels import (causal_conv1d_ref, causal_conv1d_triton, causal_conv1d_update_ref,
+from rollout.kernels import (causal_conv1d_ref, causal_conv1d_triton, causal_conv1d_update_ref, gated_rms_norm_ref,
+                             gated_rms_norm_triton, rms_norm_ref, rms_norm_triton,
                              causal_conv1d_update_triton, selective_state_update_ref, selective_state_update_triton,
                              ssd_scan_ref, ssd_scan_triton)
 from rollout.engine import RolloutEngine
 from rollout.kernels.conv1d import _conv1d_kernel, _conv1d_update_kernel
+from rollout.kernels.rms_norm import _rms_norm_kernel
 from rollout.kernels.ssd_scan import (LAUNCH, ScanLaunch, _chunk_cb_kernel, _chunk_cumsum_kernel, _chunk_scan_kernel,
                                       _chunk_cumsum, _chunk_state_kernel, _state_passing_kernel)
 from rollout.kernels.state_update import _state_update_kernel
@@ -136,6 +139,28 @@ def check_conv1d_update(*, slots: tuple[int, ...] | None = (3, -1, 0), nslots: i
     assert slot_idx is None or not out[slot_idx < 0].any()
 
 
+def check_norm(gated: bool, dtype: torch.dtype) -> None:
+    """The reference equals transformers' module bit for bit, so a release that rounds elsewhere fails here;
+    the Triton norm equals it to fp32 precision. In bf16 the interpreter truncates where a GPU rounds to
+    nearest, so the two casts of the gated norm may each lose a step; ``test_kernels_cuda.py`` holds the
+    compiled kernel to the module's bits."""
+    g = torch.Generator().manual_seed(int(gated))
+    width, group = 96, 24
+    module = NemotronHRMSNormGated(width, group, eps=1e-5) if gated else NemotronHRMSNorm(width, eps=1e-5)
+    module = module.to(dtype)
+    with torch.no_grad():
+        module.weight.copy_(randn(g, width) + 1)
+    x, gate = (layout(randn(g, 2, 7, width, dtype=dtype) * 3, strided=True) for _ in range(2))
+    if gated:
+        got = gated_rms_norm_triton(x, gate, module.weight, eps=1e-5, group_size=group)
+        ref, want = gated_rms_norm_ref(x, gate, module.weight, eps=1e-5, group_size=group), module(x, gate)
+    else:
+        got, ref = rms_norm_triton(x, module.weight, eps=1e-5), rms_norm_ref(x, module.weight, eps=1e-5)
+        want = module(x)
+    assert torch.equal(ref, want) and got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=1e-5 if dtype == F32 else 2 ** -6, atol=1e-6)
+
+
 def check_engine() -> None:
     """The engine's own calls into the kernels, as on a GPU: packed prefill of two prompts, decode steps on
     slots as rows, and a finished sequence's slot taken by the third prompt. Greedy decoding with every op
@@ -222,6 +247,8 @@ CASES: dict[str, Callable[[], None]] = {
                                                                 N=32, strided=True),
     "state_update/bf16": partial(check_state_update, dtype=BF16),
     "state_update/rows-are-slots": partial(check_state_update, slots=None),
+    **{f"norm/{'gated' if gated else 'block'}-{str(dtype)[6:]}": partial(check_norm, gated, dtype)
+       for gated in (False, True) for dtype in (F32, BF16)},
     "chunk_table/one-sequence": partial(check_chunk_table, (300,), 128),
     # 150 sequences (three blocks of 64) of 0 to 40 tokens
     "chunk_table/many-with-empty": partial(check_chunk_table,
@@ -253,7 +280,7 @@ def compile_sm90(kernel: Callable, io_ptrs: tuple[str, ...], constexprs: dict, o
             return "*i64"
         if name.endswith("_ptr"):
             return "*bf16" if name in io_ptrs else "*fp32"
-        return "fp32" if name in ("dt_min", "dt_max") else "i32"
+        return "fp32" if name in ("dt_min", "dt_max", "eps") else "i32"
 
     signature = {name: arg_type(name) for name in kernel.arg_names}
     src = ASTSource(kernel, signature, {(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
@@ -310,9 +337,14 @@ SM90: dict[str, Callable[[], object]] = {
     "sm90/conv1d_update-rows-are-slots": partial(compile_sm90, _conv1d_update_kernel, ACTIVATIONS,
                                                  dict(WIDTH=4, HAS_BIAS=True, HAS_SLOTS=False, SILU=True, BLOCK_D=64,
                                                       BLOCK_W=4)),
+    # Nemotron-Nano-9B-v2's widths: the block norm over 4,480 channels, the gated one over groups of 1,280
+    "sm90/rms_norm": partial(compile_sm90, _rms_norm_kernel, (*ACTIVATIONS, "gate_ptr", "weight_ptr"),
+                             dict(GATED=False, BLOCK=8192), dict(num_warps=8)),
+    "sm90/gated_rms_norm": partial(compile_sm90, _rms_norm_kernel, (*ACTIVATIONS, "gate_ptr", "weight_ptr"),
+                                   dict(GATED=True, BLOCK=2048), dict(num_warps=4)),
     # the GPU path's launch: bf16 dot operands at the default warps, and the decode step at state size 128
     "sm90/no-spills": partial(check_no_spills, ("sm90/chunk_state-bf16", "sm90/chunk_scan-bf16-precomputed-cb-False",
-                                                "sm90/state_update")),
+                                                "sm90/state_update", "sm90/rms_norm", "sm90/gated_rms_norm")),
 }
 
 

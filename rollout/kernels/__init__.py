@@ -2,8 +2,9 @@
 
 Every op has three names with one signature:
 
-- ``<op>`` (``ssd_scan``, ``selective_state_update``, ``causal_conv1d``, ``causal_conv1d_update``): what the
-  engine calls; it runs ``<op>_triton`` when the first tensor argument is on CUDA and ``<op>_ref`` otherwise.
+- ``<op>`` (``ssd_scan``, ``selective_state_update``, ``causal_conv1d``, ``causal_conv1d_update``,
+  ``rms_norm``, ``gated_rms_norm``): what the engine calls; it runs ``<op>_triton`` when the first tensor
+  argument is on CUDA and ``<op>_ref`` otherwise.
 - ``<op>_triton``: the Triton kernels (CPU tensors too, under ``TRITON_INTERPRET=1``, which the tests use).
 - ``<op>_ref``: the PyTorch reference, the executable spec the kernels are tested against.
 
@@ -20,6 +21,9 @@ from typing import Any, Callable, TypeVar
 from rollout.kernels.conv1d import causal_conv1d as causal_conv1d_triton
 from rollout.kernels.conv1d import causal_conv1d_ref, causal_conv1d_update_ref
 from rollout.kernels.conv1d import causal_conv1d_update as causal_conv1d_update_triton
+from rollout.kernels.rms_norm import gated_rms_norm as gated_rms_norm_triton
+from rollout.kernels.rms_norm import gated_rms_norm_ref, rms_norm_ref
+from rollout.kernels.rms_norm import rms_norm as rms_norm_triton
 from rollout.kernels.ssd_scan import ssd_scan as ssd_scan_triton
 from rollout.kernels.ssd_scan import ssd_scan_ref
 from rollout.kernels.state_update import selective_state_update as selective_state_update_triton
@@ -43,10 +47,13 @@ ssd_scan = _by_device(ssd_scan_triton, ssd_scan_ref)
 selective_state_update = _by_device(selective_state_update_triton, selective_state_update_ref)
 causal_conv1d = _by_device(causal_conv1d_triton, causal_conv1d_ref)
 causal_conv1d_update = _by_device(causal_conv1d_update_triton, causal_conv1d_update_ref)
+rms_norm = _by_device(rms_norm_triton, rms_norm_ref)
+gated_rms_norm = _by_device(gated_rms_norm_triton, gated_rms_norm_ref)
 
 __all__ = [
     "causal_conv1d", "causal_conv1d_ref", "causal_conv1d_triton",
     "causal_conv1d_update", "causal_conv1d_update_ref", "causal_conv1d_update_triton",
+    "gated_rms_norm", "gated_rms_norm_ref", "gated_rms_norm_triton", "rms_norm", "rms_norm_ref", "rms_norm_triton",
     "selective_state_update", "selective_state_update_ref", "selective_state_update_triton",
     "ssd_scan", "ssd_scan_ref", "ssd_scan_triton",
 ]
