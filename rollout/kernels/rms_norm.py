@@ -3,7 +3,7 @@ grouped norm inside every Mamba layer.
 
 transformers writes each as about seven PyTorch calls (casts, square, mean, rsqrt, products). A decode step
 runs one norm per layer plus one per Mamba layer, 84 in Nemotron-Nano-9B-v2, on a few hundred kilobytes each,
-so the calls' fixed cost, not their bytes, is what they take: one kernel per norm cuts that cost to a seventh.
+so the calls' fixed cost, not their bytes, is what they take, and one kernel per norm removes most of it.
 
 Both kernels round where transformers' modules do (``NemotronHRMSNorm``: the weight multiply in fp32, then
 one rounding to x's dtype; ``NemotronHRMSNormGated``: the normalized values rounded to x's dtype, then

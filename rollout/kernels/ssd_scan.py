@@ -8,12 +8,13 @@ default), none sees another's tokens, and each gets its own final state back for
 
 The Triton op runs four kernels, as mamba_ssm does: chunk cumsum (dt and its running decay), chunk state
 (what each chunk adds to the state), state passing (the only serial loop, per sequence over its chunks)
-and chunk scan (the outputs). The chunk cumsum also writes the chunk table the others read. Unlike mamba_ssm, chunks are
-cut per sequence (as in the reference, and vLLM's varlen design): a chunk never holds two sequences, so a
-packed row needs no in-kernel resets, the state passing starts each sequence from its own initial state
-and ends on its own final state. By default C·Bᵀ is computed inside the chunk scan, per head;
-``ScanLaunch.precompute_cb`` computes it once per chunk and group in a kernel of its own, as mamba_ssm
-does, which frees the chunk scan's registers that held C (slower on an H200 at Nemotron-H shapes).
+and chunk scan (the outputs); the chunk cumsum also writes the chunk table the others read. Unlike
+mamba_ssm, chunks are cut per sequence (as in the reference, and vLLM's varlen design): a chunk never
+holds two sequences, so a packed row needs no in-kernel resets, the state passing starts each sequence
+from its own initial state and ends on its own final state. By default C·Bᵀ is computed inside the
+chunk scan, per head; ``ScanLaunch.precompute_cb`` computes it once per chunk and group in a kernel of
+its own, as mamba_ssm does, which frees the chunk scan's registers that held C (slower on an H200 at
+Nemotron-H shapes).
 """
 
 from __future__ import annotations
