@@ -11,12 +11,18 @@ and writes a Markdown and CSV table and a PNG plot.
     python -m bench.bench_hybrid                                  # CPU, reduced width and lengths
     python -m bench.bench_hybrid --full                           # GPU: Nemotron-H-8B size
     python -m bench.bench_hybrid --full --layout nemotron-nano-9b-v2
+    python -m bench.bench_hybrid --full --layout nemotron-nano-9b-v2 --shapes 8192/256x64 --profile 30
+
+``--profile N`` then runs the first shape once more per model under ``torch.profiler`` and prints where a
+decode step's time goes: the device time of each kernel (on CPU, the self time of each op) summed over the
+decode steps, per step, the N largest.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +104,37 @@ def measure(model, tokenizer, shape: Shape, bw: float) -> dict:
     return {"tokens_per_s": new_tokens / seconds, "decode_tokens_per_s": decode,
             "state_mib_per_seq": state_bytes / 2**20, "roofline_tokens_per_s": roofline,
             "of_roofline": decode / roofline}
+
+
+def decode_profile(model, tokenizer, shape: Shape, top: int) -> str:
+    """The ``top`` kernels (ops on CPU) by time per decode step, over the decode steps of one ``generate()``
+    at ``shape`` with at most 33 new tokens: those that start inside the engine's ``rollout.decode`` ranges.
+    Each range ends by reading its tokens back, so the kernels it launched end inside it too."""
+    new = min(shape.output_len, 33)
+    engine = RolloutEngine(model, tokenizer, max_batch=shape.batch, max_length=shape.input_len + new)
+    prompts = torch.randint(10, len(tokenizer), (shape.batch, shape.input_len), generator=torch.Generator().manual_seed(0))
+    engine.generate(prompts[:, :8].tolist(), SamplingParams(max_new_tokens=2, temperature=0))   # allocates, warms up
+    cuda = next(model.parameters()).is_cuda
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        engine.generate(prompts.tolist(), SamplingParams(max_new_tokens=new, temperature=0, stop_token_ids=()))
+    events = prof.events()
+    ranges = [(e.time_range.start, e.time_range.end) for e in events if e.name == "rollout.decode"]
+    steps = new - 1     # the first token of each prompt comes out of its prefill
+    spent, calls = Counter(), Counter()
+    for e in events:
+        if (e.device_type == torch.autograd.DeviceType.CUDA) == cuda and any(
+                lo <= e.time_range.start < hi for lo, hi in ranges):
+            spent[e.name] += e.time_range.elapsed_us() if cuda else e.self_cpu_time_total
+            calls[e.name] += 1
+    wall = sum(hi - lo for lo, hi in ranges) / steps / 1e3
+    lines = [f"{'device time per kernel' if cuda else 'self time per op'} over {steps} decode steps: "
+             f"{sum(spent.values()) / steps / 1e3:.3f} ms per step in all, {wall:.3f} ms per step of wall time "
+             "(under the profiler)", f"{'ms/step':>9} {'calls/step':>10}  name"]
+    names = {"rollout.decode": "rollout.decode's own time: Python between the ops"}
+    lines += [f"{us / steps / 1e3:9.3f} {calls[name] / steps:10.1f}  {names.get(name, name)[:100]}"
+              for name, us in spent.most_common(top)]
+    return "\n".join(lines)
 
 
 def measure_pair(models: dict[str, torch.nn.Module], tokenizer, shape: Shape, bw: float, device: str,
@@ -191,6 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="bench/results/hybrid")
     parser.add_argument("--repeats", type=int, default=1,
                         help="timed runs per model and shape, in the order hybrid, twin, twin, hybrid, ...")
+    parser.add_argument("--profile", type=int, metavar="N",
+                        help="then profile the decode steps of the first shape per model: the N largest kernels")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.full else torch.float32
@@ -223,6 +262,11 @@ def main(argv: list[str] | None = None) -> None:
     plot(rows, out / "hybrid.png")
     print(report)
     print(f"written: {out}/hybrid.md, hybrid.csv, hybrid.png")
+    for name, model in models.items() if args.profile else ():
+        model = model.to(device)
+        print(f"\n# {name} decode profile, {shapes[0]}\n{decode_profile(model, tokenizer, shapes[0], args.profile)}",
+              flush=True)
+        models[name] = model.to("cpu")
 
 
 if __name__ == "__main__":

@@ -273,9 +273,11 @@ class RolloutEngine:
         return [self._completion(s, stops, params) for s in seqs]
 
     def _timed(self, phase: str, run: Any, *args: Any) -> Any:
-        """``run(*args)``, its wall time added to ``self.seconds[phase]``."""
+        """``run(*args)``, its wall time added to ``self.seconds[phase]``; under ``torch.profiler`` it is
+        also a range named ``rollout.<phase>``, which ``bench_hybrid --profile`` reads."""
         start = time.perf_counter()
-        out = run(*args)
+        with torch.profiler.record_function(f"rollout.{phase}"):
+            out = run(*args)
         self.seconds[phase] += time.perf_counter() - start
         return out
 

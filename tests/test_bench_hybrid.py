@@ -6,8 +6,11 @@ import argparse
 import csv
 
 import pytest
+import torch
 
 from bench.bench_hybrid import Shape, configs, main, parameters, parse_shapes, twin_pattern
+from bench.common import bench_tokenizer
+from model.factory import build_model
 
 
 def test_twin_swaps_every_mamba_layer_for_attention():
@@ -46,3 +49,16 @@ def test_bench_writes_both_models_per_shape(tmp_path):
     table_rows = [line for line in (tmp_path / "hybrid.md").read_text().splitlines() if line.startswith("| 8 |")]
     assert len(table_rows) == 2 and all("x |" in line for line in table_rows)
     assert (tmp_path / "hybrid.png").stat().st_size > 10_000
+
+
+def test_profile_counts_the_decode_steps_alone(tmp_path, capsys):
+    """Each decode step runs every Linear of the model once, one aten::mm each on CPU; the prefill's calls
+    and a wrong count of steps would both move the calls per step off that number."""
+    main(["--layout", "tiny", "--shapes", "8/16x2", "--out", str(tmp_path), "--profile", "40"])
+    out = capsys.readouterr().out
+    tokenizer = bench_tokenizer()
+    for name, config in configs("tiny", full=False).items():
+        linears = sum(isinstance(m, torch.nn.Linear) for m in build_model("tiny", tokenizer, **config).modules())
+        section = out.split(f"# {name} decode profile")[1].split("\n# ")[0]
+        rows = {line.split(maxsplit=2)[2]: float(line.split()[1]) for line in section.splitlines()[3:] if line.strip()}
+        assert "over 15 decode steps" in section and rows["aten::mm"] == linears
