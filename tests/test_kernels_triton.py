@@ -41,7 +41,8 @@ from rollout.engine import RolloutEngine
 from rollout.kernels.conv1d import _conv1d_kernel, _conv1d_update_kernel
 from rollout.kernels.rms_norm import _rms_norm_kernel
 from rollout.kernels.ssd_scan import (LAUNCH, ScanLaunch, _chunk_cb_kernel, _chunk_cumsum_kernel, _chunk_scan_kernel,
-                                      _chunk_cumsum, _chunk_state_kernel, _state_passing_kernel)
+                                      _chunk_cumsum, _chunk_state_kernel, _chunk_table, _chunk_table_kernel,
+                                      _state_passing_kernel)
 from rollout.kernels.state_update import _state_update_kernel
 from rollout.sampling import SamplingParams
 
@@ -180,15 +181,16 @@ def check_engine() -> None:
 
 
 def check_chunk_table(lengths: tuple[int, ...], chunk: int) -> None:
-    """The chunk table the chunk cumsum writes, against the same cut made in plain Python: empty sequences
-    own no chunk, the rows past the real chunks have length 0."""
+    """The chunk table, as the chunk cumsum writes it and as its own kernel does, against the same cut made
+    in plain Python: empty sequences own no chunk, the rows past the real chunks have length 0."""
     cu = torch.tensor([0, *lengths]).cumsum(0)
     dt = torch.zeros(int(cu[-1]), 1)
     start, length, seq, cu_chunks, *_ = _chunk_cumsum(dt, -torch.ones(1), torch.zeros(1), cu, chunk, LIMIT)
     want = [(int(cu[s]) + j, min(chunk, n - j), s) for s, n in enumerate(lengths) for j in range(0, n, chunk)]
     rows = len(want)
-    assert start.numel() >= rows and not length[rows:].any()
-    assert list(zip(start[:rows].tolist(), length[:rows].tolist(), seq[:rows].tolist())) == want
+    for start, length, seq in ((start, length, seq), _chunk_table(cu, int(cu[-1]), chunk)):
+        assert start.numel() >= rows and not length[rows:].any()
+        assert list(zip(start[:rows].tolist(), length[:rows].tolist(), seq[:rows].tolist())) == want
     assert cu_chunks.tolist() == [0, *numpy.cumsum([-(-n // chunk) for n in lengths]).tolist()]
 
 
@@ -250,7 +252,7 @@ CASES: dict[str, Callable[[], None]] = {
     **{f"norm/{'gated' if gated else 'block'}-{str(dtype)[6:]}": partial(check_norm, gated, dtype)
        for gated in (False, True) for dtype in (F32, BF16)},
     "chunk_table/one-sequence": partial(check_chunk_table, (300,), 128),
-    # 150 sequences (three blocks of 64) of 0 to 40 tokens
+    # 150 sequences (three blocks of 64) of 0 to 40 tokens, over 200 rows (two blocks of 128 in the table kernel)
     "chunk_table/many-with-empty": partial(check_chunk_table,
                                            tuple(int(n) for n in torch.randint(0, 41, (150,),
                                                  generator=torch.Generator().manual_seed(5))), 16),
@@ -307,6 +309,7 @@ STATE_DOTS = dict(num_warps=LAUNCH.state_warps, num_stages=LAUNCH.state_stages)
 SCAN_DOTS = dict(num_warps=LAUNCH.scan_warps, num_stages=LAUNCH.scan_stages)
 DOT_DTYPES = (triton.language.float32, triton.language.bfloat16)   # fp32 operands, and low_precision's
 SM90: dict[str, Callable[[], object]] = {
+    "sm90/chunk_table": partial(compile_sm90, _chunk_table_kernel, (), dict(CHUNK=64, BLOCK_R=128, BLOCK_S=64)),
     "sm90/chunk_cumsum": partial(compile_sm90, _chunk_cumsum_kernel, ("dt_ptr",),
                                  dict(CHUNK=128, BLOCK_H=16, BLOCK_Q=128, BLOCK_S=64)),
     **{f"sm90/chunk_state-{dtype}": partial(compile_sm90, _chunk_state_kernel, ACTIVATIONS,
@@ -331,7 +334,7 @@ SM90: dict[str, Callable[[], object]] = {
     "sm90/state_update-rows-are-slots": partial(compile_sm90, _state_update_kernel, (*ACTIVATIONS, "dt_ptr"),
                                                 dict(HAS_SLOTS=False, BLOCK_P=32, BLOCK_N=128), dict(num_warps=4)),
     "sm90/conv1d": partial(compile_sm90, _conv1d_kernel, (*ACTIVATIONS, "states_ptr"),
-                           dict(WIDTH=4, HAS_BIAS=True, SILU=True, BLOCK_T=64, BLOCK_D=64, BLOCK_W=4, BLOCK_S=64)),
+                           dict(WIDTH=4, HAS_BIAS=True, SILU=True, BLOCK_T=64, BLOCK_D=64, BLOCK_W=4)),
     "sm90/conv1d_update": partial(compile_sm90, _conv1d_update_kernel, ACTIVATIONS,
                                   dict(WIDTH=4, HAS_BIAS=True, HAS_SLOTS=True, SILU=True, BLOCK_D=64, BLOCK_W=4)),
     "sm90/conv1d_update-rows-are-slots": partial(compile_sm90, _conv1d_update_kernel, ACTIVATIONS,

@@ -3,7 +3,7 @@
 Prefill returns, per sequence, the last ``width - 1`` inputs: that is the whole conv state a sequence
 needs for decoding, kept in a preallocated ``[nslots, dim, width - 1]`` buffer and addressed by slot.
 
-The Triton prefill tiles each sequence into blocks of tokens as the SSD scan cuts its chunks, so no block
+The Triton prefill tiles each sequence into blocks of tokens with the SSD scan's chunk table, so no block
 straddles two sequences and a token's window simply stops at its sequence's start; the block that ends a
 sequence also writes that sequence's conv state, so prefill needs no second pass to hand off to decoding.
 """
@@ -15,28 +15,31 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from rollout.kernels.ssd_scan import Padding, _block, _chunk_row, _flat_cu_seqlens, _inner_contiguous, _max_chunks
+from rollout.kernels.ssd_scan import Padding, _chunk_table, _flat_cu_seqlens, _inner_contiguous
 
 
 @triton.jit
 def _conv1d_kernel(
     # Pointers
-    x_ptr, weight_ptr, bias_ptr, cu_seqlens_ptr, out_ptr, states_ptr,
+    x_ptr, weight_ptr, bias_ptr, chunk_start_ptr, chunk_len_ptr, chunk_seq_ptr, cu_seqlens_ptr, out_ptr,
+    states_ptr,
     # Dimensions
-    dim, nseq,
+    dim,
     # Strides
     stride_x_t, stride_w_d, stride_o_t, stride_s_s, stride_s_d,
     # Meta-parameters
     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """out for a (tokens, channels) block of one sequence, in fp32."""
     pid_c = tl.program_id(0).to(tl.int64)
-    start, length, seq = _chunk_row(cu_seqlens_ptr, cu_seqlens_ptr, pid_c, nseq, False, BLOCK_T, BLOCK_S)
-    if length == 0:     # past the real blocks
+    length = tl.load(chunk_len_ptr + pid_c)
+    if length == 0:     # a spare row of the chunk table
         return
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_t = tl.arange(0, BLOCK_T)
+    start = tl.load(chunk_start_ptr + pid_c)
+    seq = tl.load(chunk_seq_ptr + pid_c)
     seq_start = tl.load(cu_seqlens_ptr + seq)
     seq_end = tl.load(cu_seqlens_ptr + seq + 1)
     mask_d = offs_d < dim
@@ -118,13 +121,13 @@ def _conv1d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     states [nseq, dim, width - 1] (zeros, which an empty sequence keeps)."""
     ntokens, dim = x.shape
     width = weight.shape[1]
-    nseq = cu_seqlens.numel() - 1
-    _conv1d_kernel[(_max_chunks(ntokens, nseq, _BLOCK_T), triton.cdiv(dim, _BLOCK_D))](
-        x, weight, bias, cu_seqlens, out, states,
-        dim, nseq,
+    start, length, seq = _chunk_table(cu_seqlens, ntokens, _BLOCK_T)
+    _conv1d_kernel[(start.numel(), triton.cdiv(dim, _BLOCK_D))](
+        x, weight, bias, start, length, seq, cu_seqlens, out, states,
+        dim,
         x.stride(0), weight.stride(0), out.stride(0), states.stride(0), states.stride(1),
         WIDTH=width, HAS_BIAS=bias is not None, SILU=silu, BLOCK_T=_BLOCK_T, BLOCK_D=_BLOCK_D,
-        BLOCK_W=triton.next_power_of_2(width - 1), BLOCK_S=_block(nseq, 64))
+        BLOCK_W=triton.next_power_of_2(width - 1))
 
 
 def _conv1d_update_fwd(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

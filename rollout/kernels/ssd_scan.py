@@ -71,6 +71,25 @@ def _chunk_rows(cu_seqlens_ptr, cu_chunks_ptr, rows, nseq, write_cu_chunks,
 
 
 @triton.jit
+def _chunk_table_kernel(
+    # Pointers
+    cu_seqlens_ptr, chunk_start_ptr, chunk_len_ptr, chunk_seq_ptr,
+    # Dimensions
+    nseq, nrows,
+    # Meta-parameters
+    CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """The chunk table's rows of one block, for a kernel with many programs per chunk (the prefill conv1d
+    has one per block of channels), where a walk over the sequences in each program would be repeated."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    start, length, seq = _chunk_rows(cu_seqlens_ptr, cu_seqlens_ptr, rows, nseq, False, CHUNK, BLOCK_S)
+    mask = rows < nrows
+    tl.store(chunk_start_ptr + rows, start, mask=mask)
+    tl.store(chunk_len_ptr + rows, length, mask=mask)
+    tl.store(chunk_seq_ptr + rows, seq, mask=mask)
+
+
+@triton.jit
 def _chunk_row(cu_seqlens_ptr, cu_chunks_ptr, row, nseq, write_cu_chunks,
                CHUNK: tl.constexpr, BLOCK_S: tl.constexpr):
     """``_chunk_rows`` for the one chunk ``row`` of a program, as three int64 scalars."""
@@ -373,6 +392,22 @@ def _max_chunks(ntokens: int, nseq: int, chunk_size: int) -> int:
     """The chunk table's rows: at most this many chunks cut ``ntokens`` into ``nseq`` sequences, so the
     table needs no host sync to size. Rows past the real chunks get length 0."""
     return (ntokens + nseq * (chunk_size - 1)) // chunk_size
+
+
+_TABLE_ROWS = 128      # chunk-table rows per program of _chunk_table_kernel
+
+
+def _chunk_table(cu_seqlens: torch.Tensor, ntokens: int,
+                 chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per chunk its first token, length and sequence, in one launch of their own (see
+    ``_chunk_table_kernel``; the scan's chunk cumsum writes them itself)."""
+    nseq = cu_seqlens.numel() - 1
+    nrows = _max_chunks(ntokens, nseq, chunk_size)
+    start, length, seq = torch.empty(3, nrows, dtype=torch.int64, device=cu_seqlens.device)
+    _chunk_table_kernel[(triton.cdiv(nrows, _TABLE_ROWS),)](
+        cu_seqlens, start, length, seq, nseq, nrows,
+        CHUNK=chunk_size, BLOCK_R=_TABLE_ROWS, BLOCK_S=_block(nseq, 64))
+    return start, length, seq
 
 
 class Chunks(NamedTuple):
