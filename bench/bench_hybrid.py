@@ -88,13 +88,20 @@ def roofline_tokens_per_second(engine: RolloutEngine, shape: Shape, bw: float) -
     return shape.batch / ((weights + shape.batch * per_seq) / bw)
 
 
-def measure(model, tokenizer, shape: Shape, bw: float) -> dict:
-    engine = RolloutEngine(model, tokenizer, max_batch=shape.batch, max_length=shape.input_len + shape.output_len)
+def warm_engine(model, tokenizer, shape: Shape, new_tokens: int) -> tuple[RolloutEngine, list[list[int]]]:
+    """An engine sized for ``shape`` with ``new_tokens`` per prompt, its cache allocated and warmed up, and
+    the shape's random prompts."""
+    engine = RolloutEngine(model, tokenizer, max_batch=shape.batch, max_length=shape.input_len + new_tokens)
     prompts = torch.randint(10, len(tokenizer), (shape.batch, shape.input_len), generator=torch.Generator().manual_seed(0))
+    engine.generate(prompts[:, :8].tolist(), SamplingParams(max_new_tokens=2, temperature=0))
+    return engine, prompts.tolist()
+
+
+def measure(model, tokenizer, shape: Shape, bw: float) -> dict:
+    engine, prompts = warm_engine(model, tokenizer, shape, shape.output_len)
     params = SamplingParams(max_new_tokens=shape.output_len, temperature=0, stop_token_ids=())
-    engine.generate(prompts[:, :8].tolist(), SamplingParams(max_new_tokens=2, temperature=0))   # allocates, warms up
     decode_before = engine.seconds["decode"]
-    outs, seconds = timed(lambda: engine.generate(prompts.tolist(), params))
+    outs, seconds = timed(lambda: engine.generate(prompts, params))
     new_tokens = sum(len(o.token_ids) for o in outs)
     # Each prompt's first token comes out of its prefill; the rest out of decode steps, timed apart.
     decode = (new_tokens - len(outs)) / max(engine.seconds["decode"] - decode_before, 1e-9)
@@ -111,13 +118,11 @@ def decode_profile(model, tokenizer, shape: Shape, top: int) -> str:
     at ``shape`` with at most 33 new tokens: those that start inside the engine's ``rollout.decode`` ranges.
     Each range ends by reading its tokens back, so the kernels it launched end inside it too."""
     new = min(shape.output_len, 33)
-    engine = RolloutEngine(model, tokenizer, max_batch=shape.batch, max_length=shape.input_len + new)
-    prompts = torch.randint(10, len(tokenizer), (shape.batch, shape.input_len), generator=torch.Generator().manual_seed(0))
-    engine.generate(prompts[:, :8].tolist(), SamplingParams(max_new_tokens=2, temperature=0))   # allocates, warms up
+    engine, prompts = warm_engine(model, tokenizer, shape, new)
     cuda = next(model.parameters()).is_cuda
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=activities) as prof:
-        engine.generate(prompts.tolist(), SamplingParams(max_new_tokens=new, temperature=0, stop_token_ids=()))
+        engine.generate(prompts, SamplingParams(max_new_tokens=new, temperature=0, stop_token_ids=()))
     events = prof.events()
     ranges = [(e.time_range.start, e.time_range.end) for e in events if e.name == "rollout.decode"]
     steps = new - 1     # the first token of each prompt comes out of its prefill

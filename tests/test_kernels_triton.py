@@ -181,17 +181,18 @@ def check_engine() -> None:
 
 
 def check_chunk_table(lengths: tuple[int, ...], chunk: int) -> None:
-    """The chunk table, as the chunk cumsum writes it and as its own kernel does, against the same cut made
-    in plain Python: empty sequences own no chunk, the rows past the real chunks have length 0."""
+    """The chunk table, as its own kernel writes it and as the chunk cumsum does (first tokens, lengths and
+    chunk offsets), against the same cut made in plain Python: empty sequences own no chunk, the rows past
+    the real chunks have length 0."""
     cu = torch.tensor([0, *lengths]).cumsum(0)
-    dt = torch.zeros(int(cu[-1]), 1)
-    start, length, seq, cu_chunks, *_ = _chunk_cumsum(dt, -torch.ones(1), torch.zeros(1), cu, chunk, LIMIT)
     want = [(int(cu[s]) + j, min(chunk, n - j), s) for s, n in enumerate(lengths) for j in range(0, n, chunk)]
     rows = len(want)
-    for start, length, seq in ((start, length, seq), _chunk_table(cu, int(cu[-1]), chunk)):
-        assert start.numel() >= rows and not length[rows:].any()
-        assert list(zip(start[:rows].tolist(), length[:rows].tolist(), seq[:rows].tolist())) == want
-    assert cu_chunks.tolist() == [0, *numpy.cumsum([-(-n // chunk) for n in lengths]).tolist()]
+    start, length, seq = _chunk_table(cu, int(cu[-1]), chunk)
+    assert start.numel() >= rows and not length[rows:].any()
+    assert list(zip(start[:rows].tolist(), length[:rows].tolist(), seq[:rows].tolist())) == want
+    chunks = _chunk_cumsum(torch.zeros(int(cu[-1]), 1), -torch.ones(1), torch.zeros(1), cu, chunk, LIMIT)
+    assert torch.equal(chunks.start[:rows], start[:rows]) and torch.equal(chunks.length, length)
+    assert chunks.cu_chunks.tolist() == [0, *numpy.cumsum([-(-n // chunk) for n in lengths]).tolist()]
 
 
 def check_state_passing_apart(dtype: torch.dtype) -> None:

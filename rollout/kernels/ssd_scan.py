@@ -43,9 +43,9 @@ def _chunk_rows(cu_seqlens_ptr, cu_chunks_ptr, rows, nseq, write_cu_chunks,
     """The chunk table's entries for ``rows`` (int64 chunk indices): each chunk's first token, length and
     sequence. Chunks are cut from each sequence's start, so a chunk never holds two sequences. Sequences are
     walked in blocks, each block's chunk offsets a running sum of ``ceil(length / CHUNK)``, and a row takes
-    the values of the sequence whose chunks cover it (rows past the real chunks get 0). Computed where it
-    is needed, so the table costs no launch of its own; ``write_cu_chunks`` (one program) also stores each
-    sequence's chunk offsets, which the state passing walks."""
+    the values of the sequence whose chunks cover it (rows past the real chunks get 0). The scan's chunk
+    cumsum computes its rows this way, so the table costs it no launch of its own; ``write_cu_chunks`` (one
+    program) also stores each sequence's chunk offsets, which the state passing walks."""
     start = tl.zeros_like(rows)
     length = tl.zeros_like(rows)
     seq = tl.zeros_like(rows)
@@ -101,8 +101,8 @@ def _chunk_row(cu_seqlens_ptr, cu_chunks_ptr, row, nseq, write_cu_chunks,
 @triton.jit
 def _chunk_cumsum_kernel(
     # Pointers
-    dt_ptr, A_ptr, dt_bias_ptr, cu_seqlens_ptr, chunk_start_ptr, chunk_len_ptr, chunk_seq_ptr, cu_chunks_ptr,
-    dt_out_ptr, dA_cs_ptr,
+    dt_ptr, A_ptr, dt_bias_ptr, cu_seqlens_ptr, chunk_start_ptr, chunk_len_ptr, cu_chunks_ptr, dt_out_ptr,
+    dA_cs_ptr,
     # Dimensions
     nheads, nseq, dt_min, dt_max,
     # Strides
@@ -112,15 +112,14 @@ def _chunk_cumsum_kernel(
 ):
     """dt and the running sum of dt * A over one chunk, for a block of heads. Past the chunk's end dt is 0,
     so the last column of the running sum is the decay of the whole chunk. The first block of heads also
-    writes the chunk's row of the chunk table, for the kernels after this one."""
+    writes the chunk's first token and length, for the kernels after this one."""
     pid_c = tl.program_id(0).to(tl.int64)
     first_heads = tl.program_id(1) == 0
-    start, length, seq = _chunk_row(cu_seqlens_ptr, cu_chunks_ptr, pid_c, nseq, first_heads & (pid_c == 0),
-                                    CHUNK, BLOCK_S)
+    start, length, _ = _chunk_row(cu_seqlens_ptr, cu_chunks_ptr, pid_c, nseq, first_heads & (pid_c == 0),
+                                  CHUNK, BLOCK_S)
     if first_heads:
         tl.store(chunk_start_ptr + pid_c, start)
         tl.store(chunk_len_ptr + pid_c, length)
-        tl.store(chunk_seq_ptr + pid_c, seq)
     if length == 0:     # a spare row of the chunk table
         return
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -411,12 +410,11 @@ def _chunk_table(cu_seqlens: torch.Tensor, ntokens: int,
 
 
 class Chunks(NamedTuple):
-    """The chunk table (per chunk its first token, length and sequence; per sequence its chunk offsets) and
-    what the chunk cumsum computes over it: dt and the running sum of dt * A, each [nchunks, nheads, chunk]."""
+    """What the chunk cumsum writes: the chunk table the scan reads (per chunk its first token and length,
+    per sequence its chunk offsets), and dt and the running sum of dt * A, each [nchunks, nheads, chunk]."""
 
     start: torch.Tensor
     length: torch.Tensor
-    seq: torch.Tensor
     cu_chunks: torch.Tensor
     dt: torch.Tensor
     dA_cs: torch.Tensor
@@ -428,16 +426,16 @@ def _chunk_cumsum(dt: torch.Tensor, A: torch.Tensor, dt_bias: torch.Tensor, cu_s
     ntokens, nheads = dt.shape
     nseq = cu_seqlens.numel() - 1
     nchunks = _max_chunks(ntokens, nseq, chunk_size)
-    start, length, seq = torch.empty(3, nchunks, dtype=torch.int64, device=dt.device)
+    start, length = torch.empty(2, nchunks, dtype=torch.int64, device=dt.device)
     cu_chunks = torch.empty(nseq + 1, dtype=torch.int64, device=dt.device)
     dt_out, dA_cs = torch.empty(2, nchunks, nheads, chunk_size, dtype=torch.float32, device=dt.device)
     block_h = _block(nheads, 16)
     _chunk_cumsum_kernel[(nchunks, triton.cdiv(nheads, block_h))](
-        dt, A, dt_bias, cu_seqlens, start, length, seq, cu_chunks, dt_out, dA_cs,
+        dt, A, dt_bias, cu_seqlens, start, length, cu_chunks, dt_out, dA_cs,
         nheads, nseq, float(dt_limit[0]), float(dt_limit[1]),
         dt.stride(0), dt.stride(1), dt_out.stride(1), dt_out.stride(0),
         CHUNK=chunk_size, BLOCK_H=block_h, BLOCK_Q=triton.next_power_of_2(chunk_size), BLOCK_S=_block(nseq, 64))
-    return Chunks(start, length, seq, cu_chunks, dt_out, dA_cs)
+    return Chunks(start, length, cu_chunks, dt_out, dA_cs)
 
 
 def _ssd_scan_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -455,7 +453,7 @@ def _ssd_scan_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
     dots = dict(DOT_DTYPE=_LOW_PRECISION[x.dtype] if low else tl.float32, DOT_PRECISION=precision)
     # Each buffer is allocated just before the kernel that fills it: the host's work until the chunk state,
     # the first long kernel, is time the device waits for when the scan starts from idle.
-    start, length, _, cu_chunks, dt_out, dA_cs = _chunk_cumsum(dt, A, dt_bias, cu_seqlens, chunk_size, dt_limit)
+    start, length, cu_chunks, dt_out, dA_cs = _chunk_cumsum(dt, A, dt_bias, cu_seqlens, chunk_size, dt_limit)
     nchunks = start.numel()
     states = torch.empty(nchunks, nheads, headdim, dstate, device=x.device, dtype=torch.float32)
     block_p, block_n = _block(headdim, 64), _block(dstate, launch.state_block_n)
