@@ -106,6 +106,7 @@ def test_conv1d_prefill_then_update_equals_full_conv():
         seq = x[0, s:e].T[None]
         want = F.silu(F.conv1d(F.pad(seq, (width - 1, 0)), weight[:, None], bias, groups=dim))[0].T
         torch.testing.assert_close(out[0, s:e], want)
+    assert torch.equal(states[0], F.pad(x[0, :2].T, (1, 0)))          # its two inputs after one zero
     slots = torch.zeros(4, dim, width - 1)
     slots[3] = states[1]
     step = torch.randn(2, dim)
@@ -114,3 +115,11 @@ def test_conv1d_prefill_then_update_equals_full_conv():
     want = F.silu(F.conv1d(seq, weight[:, None], bias, groups=dim))[0, :, -1]
     torch.testing.assert_close(y[0], want)
     assert torch.equal(y[1], torch.zeros(dim)) and torch.equal(slots[3], seq[0, :, -(width - 1):])
+
+
+def test_packed_sequences_must_cover_the_row():
+    a = inputs(12)
+    with pytest.raises(ValueError, match="cu_seqlens end at token 10, not at the end of the row"):
+        ssd_scan_ref(**a, chunk_size=4, cu_seqlens=torch.tensor([0, 4, 10]))
+    with pytest.raises(ValueError, match="cu_seqlens end at token 10, not at the end of the row"):
+        causal_conv1d_ref(a["x"].flatten(2), torch.randn(H * P, 4), None, cu_seqlens=torch.tensor([0, 4, 10]))

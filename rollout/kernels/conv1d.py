@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from rollout.kernels.ssd_scan import Padding, _chunk_table, _flat_cu_seqlens, _inner_contiguous
+from rollout.kernels.ssd_scan import _chunk_table, _flat_cu_seqlens, _inner_contiguous, _owners
 
 
 @triton.jit
@@ -188,16 +188,28 @@ def causal_conv1d_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     of packed sequences in row 0 (batch 1), or None (nseq = batch). Returns out: [batch, seqlen, dim]
     (SiLU applied when ``silu``) and conv_states: [nseq, dim, width - 1], each sequence's last inputs
     (zero-padded on the left when it is shorter than width - 1).
+
+    Each sequence is laid out after ``width - 1`` zero rows (its zero initial state), so no window reaches
+    into the sequence before it, and the conv is ``width`` shifted multiply-adds over the whole stream:
+    summed in fp32, rounded once to the weight's dtype, as a conv layer does.
     """
     batch, seqlen, dim = x.shape
     width = weight.shape[1]
-    padding = Padding.of(batch, seqlen, cu_seqlens, x.device)
-    seqs = F.pad(padding.pad(x).transpose(1, 2), (width - 1, 0))       # [nseq, dim, width - 1 + longest]
-    y = F.conv1d(seqs.to(weight.dtype), weight[:, None], bias, groups=dim)
-    out = padding.unpad((F.silu(y) if silu else y).transpose(1, 2), torch.empty_like(x))
-    # each sequence's last width - 1 inputs: they end at its length in the left-padded row
-    ends = padding.valid.sum(1)[:, None] + torch.arange(width - 1, device=x.device)
-    return out, seqs.gather(2, ends[:, None].expand(-1, dim, -1))
+    cu = _flat_cu_seqlens(batch, seqlen, cu_seqlens, x.device)
+    nseq, ntokens = len(cu) - 1, batch * seqlen
+    row = torch.arange(ntokens, device=x.device) + (width - 1) * (_owners(cu, ntokens) + 1)  # its row in the stream
+    stream = x.new_zeros(ntokens + (width - 1) * nseq, dim, dtype=torch.float32)
+    stream.index_copy_(0, row, x.reshape(ntokens, dim).float())
+    windows = len(stream) - width + 1                                          # window r ends at row r + width - 1
+    y = torch.zeros(windows, dim, device=x.device) if bias is None else bias.float().expand(windows, dim)
+    for k in range(width):
+        y = torch.addcmul(y, stream[k: k + windows], weight[:, k].float())
+    y = y.index_select(0, row - (width - 1)).to(weight.dtype)
+    out = (F.silu(y) if silu else y).to(x.dtype).view(batch, seqlen, dim)
+    # each sequence's last width - 1 rows of the stream (its zero rows where it is shorter)
+    last = cu[1:] - 1 + (width - 1) * torch.arange(1, nseq + 1, device=x.device)
+    states = stream[last[:, None] - (width - 2) + torch.arange(width - 1, device=x.device)]
+    return out, states.to(x.dtype).transpose(1, 2)
 
 
 def causal_conv1d_update_ref(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,

@@ -541,43 +541,43 @@ def _discretize_dt(dt: torch.Tensor, dt_bias: torch.Tensor, dt_limit: tuple[floa
     return F.softplus(dt.float() + dt_bias.float()).clamp(dt_limit[0], dt_limit[1])
 
 
-def _segments(batch: int, seqlen: int, cu_seqlens: torch.Tensor | None) -> list[tuple[int, int, int]]:
-    """(row, start, end) of every sequence: one per row, or the packed sequences of row 0."""
-    if cu_seqlens is None:
-        return [(b, 0, seqlen) for b in range(batch)]
-    if batch != 1:
-        raise ValueError(f"packed sequences (cu_seqlens) need batch 1, got {batch}")
-    bounds = cu_seqlens.tolist()
-    return [(0, start, end) for start, end in zip(bounds[:-1], bounds[1:])]
+def _owners(cu_seqlens: torch.Tensor, ntokens: int) -> torch.Tensor:
+    """The sequence of each of ``ntokens`` packed tokens [ntokens]; the sequences must cover them all."""
+    owner = torch.repeat_interleave(cu_seqlens.diff())
+    if len(owner) != ntokens:
+        raise ValueError(f"cu_seqlens end at token {len(owner)}, not at the end of the row ({ntokens})")
+    return owner
 
 
 class Padding(NamedTuple):
-    """Where each sequence's tokens sit: token t of sequence i is at ``[rows[i, t], index[i, t]]`` of the
-    [batch, seqlen, ...] input, for ``valid[i, t]``. Lets the references run every sequence at once,
-    as rows of a [nseq, longest, ...] batch zero-padded at the end, instead of one by one."""
+    """Sequences as rows of a [nseq, longest, ...] batch zero-padded at the end, and back: lets the
+    references (and the engine's attention prefill) run every sequence at once instead of one by one.
+    Each way is one ``index_select`` over the flattened [batch * seqlen] tokens."""
 
-    rows: torch.Tensor   # [nseq, longest]
-    index: torch.Tensor  # [nseq, longest]
-    valid: torch.Tensor  # [nseq, longest] bool
+    source: torch.Tensor  # [nseq * longest] the token at each padded position (token 0 past a sequence's end)
+    valid: torch.Tensor   # [nseq, longest] bool: a token, not padding
+    target: torch.Tensor  # [batch * seqlen] the padded position of each token
 
     @classmethod
     def of(cls, batch: int, seqlen: int, cu_seqlens: torch.Tensor | None, device: torch.device) -> Padding:
-        segments = _segments(batch, seqlen, cu_seqlens)
-        rows, starts, lengths = (torch.tensor(column, device=device).reshape(-1)
-                                 for column in zip(*((r, s, e - s) for r, s, e in segments)))
-        steps = torch.arange(int(lengths.max()), device=device)
+        """The layout of one sequence per row, or of row 0's packed ones (which must cover the row)."""
+        cu = _flat_cu_seqlens(batch, seqlen, cu_seqlens, device)
+        starts, lengths = cu[:-1], cu.diff()
+        longest = int(lengths.max())
+        steps = torch.arange(longest, device=device)
         valid = steps < lengths[:, None]
-        return cls(rows[:, None].expand_as(valid), torch.where(valid, starts[:, None] + steps, 0), valid)
+        owner = _owners(cu, batch * seqlen)
+        target = owner * longest + torch.arange(len(owner), device=device) - starts[owner]
+        return cls(torch.where(valid, starts[:, None] + steps, 0).flatten(), valid, target)
 
     def pad(self, t: torch.Tensor) -> torch.Tensor:
         """[batch, seqlen, ...] -> [nseq, longest, ...], zeros past each sequence's end."""
-        mask = self.valid.reshape(*self.valid.shape, *[1] * (t.dim() - 2))
-        return t[self.rows, self.index] * mask
+        padded = t.flatten(0, 1).index_select(0, self.source).unflatten(0, self.valid.shape)
+        return padded * self.valid.reshape(*self.valid.shape, *[1] * (t.dim() - 2))
 
-    def unpad(self, padded: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Write the valid positions of [nseq, longest, ...] back into ``out`` [batch, seqlen, ...]."""
-        out[self.rows[self.valid], self.index[self.valid]] = padded[self.valid].to(out.dtype)
-        return out
+    def unpad(self, padded: torch.Tensor, batch: int) -> torch.Tensor:
+        """[nseq, longest, ...] -> [batch, seqlen, ...]: each token from its padded position."""
+        return padded.flatten(0, 1).index_select(0, self.target).unflatten(0, (batch, -1))
 
 
 def _scan_chunks(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -626,6 +626,5 @@ def ssd_scan_ref(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Te
     state = (initial_states.float() if initial_states is not None
              else x.new_zeros(dt.shape[0], nheads, headdim, B.shape[-1], dtype=torch.float32))
     y, finals = _scan_chunks(padding.pad(x.float()), dt, A.float(), B, C, state, chunk_size)
-    y = padding.unpad(y, torch.empty(x.shape, dtype=torch.float32, device=x.device))
-    y = y + D.float()[:, None] * x.float()
+    y = padding.unpad(y, batch) + D.float()[:, None] * x.float()
     return y.to(x.dtype), finals
