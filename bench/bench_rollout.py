@@ -25,9 +25,11 @@ overhead that CUDA graphs remove, so there they bound nothing and are not timed.
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
+import io
 import subprocess
 import sys
+import tarfile
 import tempfile
 from pathlib import Path
 
@@ -81,19 +83,24 @@ def matrix_products(engine: RolloutEngine, batch: int, prompt_length: int, new_t
 
 
 def engine_at(rev: str, repo: Path = Path(".")) -> type:
-    """``RolloutEngine`` as committed at git revision ``rev`` of ``repo``: its ``rollout/engine.py``, imported
-    as a module of its own beside the current one (the rest of ``rollout/`` is the current code). Timing
-    both in one process is the fair test of a change to the engine: this CPU's speed drifts between runs."""
-    source = subprocess.run(["git", "-C", str(repo), "show", f"{rev}:rollout/engine.py"], check=True,
-                            capture_output=True, text=True).stdout
-    name = f"engine_at_{abs(hash(rev))}"
-    path = Path(tempfile.mkdtemp()) / f"{name}.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module          # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module.RolloutEngine
+    """``RolloutEngine`` as committed at git revision ``rev`` of ``repo``, with that commit's whole ``rollout``
+    package (its kernels and their references too), imported beside the current one: its modules are
+    loaded under the usual names, then the current ones put back, so the two engines each keep their own.
+    Timing both in one process is the fair test of a change on this CPU, whose speed drifts between runs."""
+    archive = subprocess.run(["git", "-C", str(repo), "archive", rev, "rollout"], check=True,
+                             capture_output=True).stdout
+    root = tempfile.mkdtemp()
+    tarfile.open(fileobj=io.BytesIO(archive)).extractall(root, filter="data")
+    ours = lambda name: name == "rollout" or name.startswith("rollout.")  # noqa: E731
+    current = {name: sys.modules.pop(name) for name in list(sys.modules) if ours(name)}
+    sys.path.insert(0, root)
+    try:
+        return importlib.import_module("rollout.engine").RolloutEngine
+    finally:
+        sys.path.remove(root)
+        for name in [name for name in sys.modules if ours(name)]:
+            del sys.modules[name]
+        sys.modules.update(current)
 
 
 def throughput(runs: list[tuple[int, float]]) -> float:
@@ -124,7 +131,7 @@ def main() -> None:
     parser.add_argument("--steps-per-sync", type=int, default=8,
                         help="decode steps the engine runs before the host reads their tokens (RolloutEngine's steps_per_sync)")
     parser.add_argument("--against", metavar="REV",
-                        help="also time the engine of this git revision (its rollout/engine.py), interleaved")
+                        help="also time the engine of this git revision (its rollout package), interleaved")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed runs of each, interleaved; the medians are compared (a shared CPU's speed drifts)")
     args = parser.parse_args()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from bench.bench_rollout import engine_at, matrix_products
 from model.configs import reduced
 from model.factory import build_model
+import rollout.kernels
 from rollout.engine import RolloutEngine
 from rollout.sampling import SamplingParams
 
@@ -43,17 +45,20 @@ def test_matrix_products_are_those_of_a_decode_step(layout, tokenizer):
 
 
 def test_engine_at_imports_the_committed_engine(tmp_path, tiny_model, tokenizer):
-    """A repository whose committed engine differs from the current one by a class attribute: the bench's
-    engine at that commit has it, and generates what the current engine does."""
-    source = (Path(__file__).parents[1] / "rollout" / "engine.py").read_text()
-    (tmp_path / "rollout").mkdir()
-    (tmp_path / "rollout" / "engine.py").write_text(
-        source.replace("class RolloutEngine:\n", "class RolloutEngine:\n    committed = True\n", 1))
+    """A repository whose committed rollout package differs from the current one by a class attribute of the
+    engine and by a constant of its kernels: the bench's engine at that commit has both, the current engine
+    neither, and the two generate the same tokens."""
+    shutil.copytree(Path(__file__).parents[1] / "rollout", tmp_path / "rollout",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    engine, kernels = tmp_path / "rollout" / "engine.py", tmp_path / "rollout" / "kernels" / "__init__.py"
+    engine.write_text(engine.read_text().replace("class RolloutEngine:\n", "class RolloutEngine:\n    committed = True\n", 1))
+    kernels.write_text(kernels.read_text() + "\nCOMMITTED = True\n")
     git = ["git", "-C", str(tmp_path), "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
-    for args in (["init", "-q"], ["add", "rollout/engine.py"], ["commit", "-qm", "engine"]):
+    for args in (["init", "-q"], ["add", "rollout"], ["commit", "-qm", "engine"]):
         subprocess.run(git + args, check=True)
     Committed = engine_at("HEAD", repo=tmp_path)
     assert Committed.committed and not hasattr(RolloutEngine, "committed")
+    assert Committed.__init__.__globals__["kernels"].COMMITTED and not hasattr(rollout.kernels, "COMMITTED")
     prompts = [tokenizer.encode(t, add_special_tokens=False) for t in ("What is 12 plus 30?", "Name a prime")]
     params = SamplingParams(max_new_tokens=6, temperature=0)
     got, want = (E(tiny_model, tokenizer, max_batch=2, max_length=64).generate(prompts, params)

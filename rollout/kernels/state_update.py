@@ -137,13 +137,17 @@ def selective_state_update_ref(state: torch.Tensor, x: torch.Tensor, dt: torch.T
     dt = _discretize_dt(dt, dt_bias, dt_limit).view(batch, groups, -1, 1, 1)       # heads split by group
     xg = x.float().view(batch, groups, -1, headdim, 1)
     h = state[:batch] if slot_idx is None else state[slot_idx.clamp(min=0)]
-    # An fp32 state's first rows are updated where they lie (.float() is then a view); otherwise h is a copy.
     h = h.float().view(batch, groups, -1, headdim, B.shape[-1])
-    h.mul_(torch.exp(dt * A.float().view(1, groups, -1, 1, 1))).add_((dt * xg) * B.float()[:, :, None, None])
+    decay, inflow = torch.exp(dt * A.float().view(1, groups, -1, 1, 1)), (dt * xg) * B.float()[:, :, None, None]
+    # Eager, an fp32 state's first rows are updated where they lie (.float() is then a view). Compiled, they
+    # are written back as a slice instead: updating a view of the state in place would make the compiled
+    # step copy the whole state buffer, every slot, after each step.
+    in_place = slot_idx is None and state.dtype == torch.float32 and not torch.compiler.is_compiling()
+    h = h.mul_(decay).add_(inflow) if in_place else h * decay + inflow
     y = torch.einsum("bghpn,bgn->bghp", h, C.float()) + D.float().view(1, groups, -1, 1) * xg[..., 0]
     y, h = y.view(x.shape), h.view(batch, nheads, headdim, -1).to(state.dtype)
     if slot_idx is None:
-        if state.dtype != torch.float32:
+        if not in_place:
             state[:batch] = h
         return y.to(x.dtype)
     valid = slot_idx >= 0
