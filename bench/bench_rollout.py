@@ -6,6 +6,8 @@ random model (``--layout``) no sequence stops, so both generate exactly ``--new-
 With a trained checkpoint (``--checkpoint``) sequences stop at their end-of-turn token at different
 lengths, as in RL rollouts: ``generate()`` keeps computing finished rows until the longest is done,
 while the engine hands their slots to waiting prompts; only tokens up to each end-of-turn count.
+The ``prefill`` column is the share of the engine's time spent in prefill (the prompts through the model and
+their first tokens) in its median run: the part that a faster decode step leaves as it is.
 
 On CPU without stops the bench also times the decode's matrix products alone (``matrix_products``): the
 layers' projections and the attention products over the KV cache, which ``generate()`` runs too. Their
@@ -103,10 +105,21 @@ def engine_at(rev: str, repo: Path = Path(".")) -> type:
         sys.modules.update(current)
 
 
+def median_run(runs: list[tuple[int, float]]) -> int:
+    """Index of the median-time run of (tokens, seconds) runs."""
+    return sorted(range(len(runs)), key=lambda i: runs[i][1])[len(runs) // 2]
+
+
 def throughput(runs: list[tuple[int, float]]) -> float:
     """New tokens per second of the median-time run (every run generates the same tokens)."""
-    tokens, seconds = sorted(runs, key=lambda run: run[1])[len(runs) // 2]
+    tokens, seconds = runs[median_run(runs)]
     return tokens / seconds
+
+
+def prefill_share(runs: list[tuple[int, float]], prefill: list[float]) -> float:
+    """The share of prefill (``prefill[i]`` seconds of run i) in the median-time run's wall time."""
+    i = median_run(runs)
+    return prefill[i] / runs[i][1]
 
 
 def memory_lines(model) -> list[str]:
@@ -167,23 +180,27 @@ def main() -> None:
     for variant in variants.values():
         for n in (2, 1):
             engine_generate(variant, prompts[:n], 4, stop)
-    print(f"{'batch':>5} {'generate() tok/s':>17} {'engine tok/s':>13} {'ratio':>6} {'ratio range':>12}"
+    print(f"{'batch':>5} {'generate() tok/s':>17} {'engine tok/s':>13} {'ratio':>6} {'ratio range':>12} {'prefill':>8}"
           + (f" {'products alone tok/s':>21} {'ceiling':>8}" if floor else "")
           + "".join(f" {name + ' tok/s':>21} {'engine over it':>15}" for name in variants))
     for batch in batches:
         runs = {name: [] for name in ("hf", "engine", "products", *variants)}
+        prefill = []    # the engine's seconds in prefill, per timed run
         longest = max(map(len, prompts[:batch]))
         for _ in range(args.repeats):
             with torch.no_grad():
                 runs["hf"].append(timed(lambda: hf_generate(model, tokenizer, prompts[:batch], args.new_tokens, stop)))
+            before = engine.seconds["prefill"]
             runs["engine"].append(timed(lambda: engine_generate(engine, prompts[:batch], args.new_tokens, stop)))
+            prefill.append(engine.seconds["prefill"] - before)
             if floor:
                 runs["products"].append(timed(lambda: matrix_products(engine, batch, longest, args.new_tokens)))
             for name, variant in variants.items():
                 runs[name].append(timed(lambda: engine_generate(variant, prompts[:batch], args.new_tokens, stop)))
         hf, en = throughput(runs["hf"]), throughput(runs["engine"])
         pairs = [(n_en / t_en) / (n_hf / t_hf) for (n_hf, t_hf), (n_en, t_en) in zip(runs["hf"], runs["engine"])]
-        line = f"{batch:>5} {hf:>17.0f} {en:>13.0f} {en / hf:>5.1f}x {min(pairs):>5.1f}-{max(pairs):.1f}x"
+        line = (f"{batch:>5} {hf:>17.0f} {en:>13.0f} {en / hf:>5.1f}x {min(pairs):>5.1f}-{max(pairs):.1f}x"
+                f" {prefill_share(runs['engine'], prefill):>7.0%}")
         if floor:
             products = throughput(runs["products"])
             line += f" {products:>21.0f} {products / hf:>7.1f}x"

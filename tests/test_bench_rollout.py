@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.bench_rollout import engine_at, matrix_products
+from bench.bench_rollout import engine_at, matrix_products, prefill_share, throughput
 from model.configs import reduced
 from model.factory import build_model
 import rollout.kernels
@@ -64,3 +64,8 @@ def test_engine_at_imports_the_committed_engine(tmp_path, tiny_model, tokenizer)
     got, want = (E(tiny_model, tokenizer, max_batch=2, max_length=64).generate(prompts, params)
                  for E in (Committed, RolloutEngine))
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
+
+
+def test_throughput_and_prefill_share_come_from_the_median_time_run():
+    runs, prefill = [(100, 1.0), (100, 4.0), (100, 2.0)], [0.9, 0.1, 0.5]
+    assert throughput(runs) == 50 and prefill_share(runs, prefill) == 0.25
