@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import rollout.kernels
 from bench.bench_rollout import engine_at, matrix_products, prefill_share, throughput
 from model.configs import reduced
 from model.factory import build_model
-import rollout.kernels
 from rollout.engine import RolloutEngine
 from rollout.sampling import SamplingParams
 
