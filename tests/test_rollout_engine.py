@@ -189,6 +189,20 @@ def test_runs_of_decode_steps_change_no_token(tiny_model, tokenizer, prompts):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
 
 
+def test_compiled_runs_of_steps_equal_eager_ones(tiny_model, tokenizer, prompts):
+    """The compiled step checks its guards on the first step of each run only: through sampled draws, forced
+    ``</think>`` tokens, stops and a shrinking batch, its runs write what the eager step writes."""
+    think = tokenizer.encode("<|im_start|>assistant\n<think>", add_special_tokens=False)
+    batch = [think, *prompts, think]
+    params = SamplingParams(max_new_tokens=24, temperature=1.0, seed=2, thinking_budget=9)
+    eager, compiled = (RolloutEngine(tiny_model, tokenizer, max_batch=3, max_length=128, steps_per_sync=7,
+                                     compile=compile).generate(batch, params) for compile in (False, True))
+    assert any(any(o.forced) for o in compiled)
+    for a, b in zip(eager, compiled):
+        assert (a.token_ids, a.forced, a.finish_reason) == (b.token_ids, b.forced, b.finish_reason)
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+
+
 def test_pick_gives_forced_tokens_the_models_own_logprob():
     logits = torch.tensor([[2.0, 0.5, 1.0, 0.0], [0.0, 1.0, 3.0, 0.5]])
     params = SamplingParams(temperature=0.5, top_k=2)
