@@ -93,7 +93,10 @@ def engine_at(rev: str, repo: Path = Path(".")) -> type:
                              capture_output=True).stdout
     root = tempfile.mkdtemp()
     tarfile.open(fileobj=io.BytesIO(archive)).extractall(root, filter="data")
-    ours = lambda name: name == "rollout" or name.startswith("rollout.")  # noqa: E731
+
+    def ours(name: str) -> bool:
+        return name == "rollout" or name.startswith("rollout.")
+
     current = {name: sys.modules.pop(name) for name in list(sys.modules) if ours(name)}
     sys.path.insert(0, root)
     try:
