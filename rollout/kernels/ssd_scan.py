@@ -583,25 +583,31 @@ class Padding(NamedTuple):
 def _scan_chunks(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                  state: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequences side by side in fp32: x [S, T, H, P], dt [S, T, H] (0 past a sequence's end, so padding
-    neither decays nor feeds the state), B and C [S, T, H, N], state [S, H, P, N]."""
-    a = dt * A                                  # log-decay of each step, <= 0
-    xdt = x * dt[..., None]
-    ys = []
-    for start in range(0, x.shape[1], chunk_size):
+    neither decays nor feeds the state), B and C [S, T, G, N], state [S, H, P, N]; returns y [S, T, H, P]
+    and the final state. The work runs heads first, as [S, G, R, T, ...] with R = H / G heads per group:
+    every product is then one batched matmul that reads its operands in place, and a group's heads share
+    its B and C instead of each holding a copy."""
+    S, T, H, P = x.shape
+    G = B.shape[2]
+    a = (dt * A).unflatten(2, (G, -1)).movedim(1, -1)                               # [S, G, R, T]
+    xdt = (x * dt[..., None]).unflatten(2, (G, -1)).movedim(1, 3).contiguous()      # [S, G, R, T, P]
+    B, C = (t.unsqueeze(3).movedim(1, 3).contiguous() for t in (B, C))              # [S, G, 1, T, N]
+    state = state.unflatten(1, (G, -1))                                             # [S, G, R, P, N]
+    y = x.new_empty(S, T, G, H // G, P)
+    for start in range(0, T, chunk_size):
         chunk = slice(start, start + chunk_size)
-        cum = a[:, chunk].cumsum(1)             # [S, q, H]
-        # exp(cum_t - cum_s) for s <= t; the exponent is clamped at 0 so rounding cannot overflow it.
-        gap = (cum[:, :, None, :] - cum[:, None, :, :]).clamp(max=0.0)
-        causal = torch.ones(gap.shape[1:3], dtype=torch.bool, device=x.device).tril()[..., None]
-        decay = torch.exp(gap.masked_fill(~causal, float("-inf")))          # [S, q(t), q(s), H]
-        scores = torch.einsum("bthn,bshn->btsh", C[:, chunk], B[:, chunk]) * decay
-        y = torch.einsum("btsh,bshp->bthp", scores, xdt[:, chunk])
-        y = y + torch.exp(cum)[..., None] * torch.einsum("bthn,bhpn->bthp", C[:, chunk], state)
-        to_end = torch.exp((cum[:, -1:] - cum).clamp(max=0.0))              # [S, q, H]
-        state = torch.exp(cum[:, -1])[:, :, None, None] * state + torch.einsum(
-            "bsh,bshp,bshn->bhpn", to_end, xdt[:, chunk], B[:, chunk])
-        ys.append(y)
-    return torch.cat(ys, dim=1), state
+        cum = a[..., chunk].cumsum(-1)                                              # [S, G, R, q]
+        # exp(cum_t - cum_s) for s <= t, else 0; the exponent is clamped at 0 so rounding cannot overflow it.
+        causal = torch.ones(cum.shape[-1], cum.shape[-1], dtype=torch.bool, device=x.device).tril()
+        gap = (cum[..., :, None] - cum[..., None, :]).clamp_(max=0.0)
+        decay = gap.masked_fill_(~causal, float("-inf")).exp_()                    # [S, G, R, q(t), q(s)]
+        Cc, Bc, xc = C[..., chunk, :], B[..., chunk, :], xdt[..., chunk, :]
+        yc = ((Cc @ Bc.transpose(-1, -2)) * decay) @ xc                            # [S, G, R, q, P]
+        yc += cum.exp()[..., None] * (Cc @ state.transpose(-1, -2))
+        y[:, chunk] = yc.movedim(3, 1)
+        to_end = (cum[..., -1:] - cum).clamp_(max=0.0).exp_()                      # [S, G, R, q]
+        state = cum[..., -1, None, None].exp() * state + (xc * to_end[..., None]).transpose(-1, -2) @ Bc
+    return y.flatten(2, 3), state.flatten(1, 2)
 
 
 def ssd_scan_ref(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -619,10 +625,9 @@ def ssd_scan_ref(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Te
     final_states: [nseq, nheads, headdim, dstate] in fp32. The state is carried in fp32 throughout.
     """
     batch, seqlen, nheads, headdim = x.shape
-    per_group = nheads // B.shape[2]
     padding = Padding.of(batch, seqlen, cu_seqlens, x.device)
     dt = padding.pad(_discretize_dt(dt, dt_bias, dt_limit))
-    B, C = (padding.pad(t.float()).repeat_interleave(per_group, dim=2) for t in (B, C))
+    B, C = (padding.pad(t.float()) for t in (B, C))
     state = (initial_states.float() if initial_states is not None
              else x.new_zeros(dt.shape[0], nheads, headdim, B.shape[-1], dtype=torch.float32))
     y, finals = _scan_chunks(padding.pad(x.float()), dt, A.float(), B, C, state, chunk_size)
