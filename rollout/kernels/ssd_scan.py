@@ -589,7 +589,7 @@ def _scan_chunks(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Te
     its B and C instead of each holding a copy."""
     S, T, H, P = x.shape
     G = B.shape[2]
-    a = (dt * A).unflatten(2, (G, -1)).movedim(1, -1)                               # [S, G, R, T]
+    a = (dt * A).unflatten(2, (G, -1)).movedim(1, -1)          # [S, G, R, T] the log-decay of each step, <= 0
     xdt = (x * dt[..., None]).unflatten(2, (G, -1)).movedim(1, 3).contiguous()      # [S, G, R, T, P]
     B, C = (t.unsqueeze(3).movedim(1, 3).contiguous() for t in (B, C))              # [S, G, 1, T, N]
     state = state.unflatten(1, (G, -1))                                             # [S, G, R, P, N]
