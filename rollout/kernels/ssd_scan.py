@@ -594,13 +594,14 @@ def _scan_chunks(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Te
     B, C = (t.unsqueeze(3).movedim(1, 3).contiguous() for t in (B, C))              # [S, G, 1, T, N]
     state = state.unflatten(1, (G, -1))                                             # [S, G, R, P, N]
     y = x.new_empty(S, T, G, H // G, P)
+    future = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=x.device).triu(1)   # s > t
     for start in range(0, T, chunk_size):
         chunk = slice(start, start + chunk_size)
         cum = a[..., chunk].cumsum(-1)                                              # [S, G, R, q]
+        q = cum.shape[-1]
         # exp(cum_t - cum_s) for s <= t, else 0; the exponent is clamped at 0 so rounding cannot overflow it.
-        causal = torch.ones(cum.shape[-1], cum.shape[-1], dtype=torch.bool, device=x.device).tril()
         gap = (cum[..., :, None] - cum[..., None, :]).clamp_(max=0.0)
-        decay = gap.masked_fill_(~causal, float("-inf")).exp_()                    # [S, G, R, q(t), q(s)]
+        decay = gap.masked_fill_(future[:q, :q], float("-inf")).exp_()             # [S, G, R, q(t), q(s)]
         Cc, Bc, xc = C[..., chunk, :], B[..., chunk, :], xdt[..., chunk, :]
         yc = ((Cc @ Bc.transpose(-1, -2)) * decay) @ xc                            # [S, G, R, q, P]
         yc += cum.exp()[..., None] * (Cc @ state.transpose(-1, -2))
