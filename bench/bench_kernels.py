@@ -21,6 +21,8 @@ a GPU run checks correctness too.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import importlib.util
 import os
 import platform
@@ -33,7 +35,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from functools import partial
 from itertools import product
-from typing import Callable
+from typing import Callable, Iterator
 
 # Triton reads TRITON_INTERPRET when it is first imported, so the smoke mode sets it before torch and Triton load.
 if "--cpu-smoke" in sys.argv[1:]:
@@ -44,6 +46,7 @@ import triton  # noqa: E402
 
 from rollout.kernels import (selective_state_update_ref, selective_state_update_triton, ssd_scan_ref,  # noqa: E402
                              ssd_scan_triton)
+from rollout.kernels.state_update import dependent_launch_supported  # noqa: E402
 
 MAMBA_INSTALL = "MAMBA_SKIP_CUDA_BUILD=TRUE pip install --no-build-isolation mamba-ssm"
 
@@ -168,10 +171,34 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows])
 
 
+@contextlib.contextmanager
+def step_launch(launch: object) -> Iterator[None]:
+    """The decode step launched as ``launch`` (a ``StepLaunch``) inside the block."""
+    module = importlib.import_module("rollout.kernels.state_update")
+    saved, module.STEP_LAUNCH = module.STEP_LAUNCH, launch
+    try:
+        yield
+    finally:
+        module.STEP_LAUNCH = saved
+
+
+def graphed_percent(calls: list[Callable[[], object]], moved: int, peak: float, setup: Setup) -> str:
+    """% of peak bandwidth of ``calls`` back to back (``graphed_seconds``), or "-" where that fails: the row's
+    other columns stand without it."""
+    try:
+        return f"{100 * moved / graphed_seconds(calls, setup) / peak:.1f}"
+    except RuntimeError:
+        traceback.print_exc()
+        return "-"
+
+
 def decode_rows(setup: Setup, peak: float) -> list[list[str]]:
-    """One row per batch size: batch, time_us, MB, GB/s, %peak, graphed_%peak, rel_err. A fresh state per
-    batch, so the larger ones do not fit in L2. graphed_%peak: steps back to back in a CUDA graph, each on
-    its own copy of the state, with enough copies (twice the L2-flush size) that none is read from L2."""
+    """One row per batch size: batch, time_us, MB, GB/s, %peak, graphed_%peak, graphed_pdl_%peak, rel_err. A
+    fresh state per batch, so the larger ones do not fit in L2; row i in slot i, as the engine runs the step
+    (its running sequences hold the first slots). graphed_%peak: steps back to back in a CUDA graph, each on
+    its own copy of the state, with enough copies (twice the L2-flush size) that none is read from L2.
+    graphed_pdl_%peak: the same as programmatic dependent launches, each step reading its state while the
+    one before finishes (``StepLaunch.pdl``; "-" below sm_90)."""
     h, p, n, g = setup.nheads, setup.headdim, setup.dstate, setup.ngroups
     bf16 = dict(device=setup.device, dtype=torch.bfloat16)
     params = model_params(setup)
@@ -181,32 +208,31 @@ def decode_rows(setup: Setup, peak: float) -> list[list[str]]:
         x, dt = torch.randn(batch, h, p, **bf16), torch.randn(batch, h, **bf16)
         B, C = torch.randn(batch, g, n, **bf16), torch.randn(batch, g, n, **bf16)
         args = (x, dt, params["A"], B, C, params["D"], params["dt_bias"])
-        slot_idx = torch.randperm(batch, device=setup.device)
 
         def step(op: Callable[..., torch.Tensor], state: torch.Tensor) -> torch.Tensor:
-            return op(state, *args, slot_idx=slot_idx)
+            return op(state, *args, slot_idx=None)
 
         got, want = state.clone(), state.clone()
         err = max(rel_err(step(selective_state_update_triton, got), step(selective_state_update_ref, want)),
                   rel_err(got, want))
         seconds = median_seconds(lambda: step(selective_state_update_triton, state), setup)
-        moved = 2 * state.nbytes + x.nbytes + sum(t.nbytes for t in (*args, slot_idx))   # y is shaped as x
+        moved = 2 * state.nbytes + x.nbytes + sum(t.nbytes for t in args)   # y is shaped as x
         states = [state, *(torch.randn_like(state) for _ in range(max(1, -(-2 * setup.flush_bytes // state.nbytes))))]
-        try:
-            graphed = graphed_seconds([partial(step, selective_state_update_triton, s) for s in states], setup)
-            graphed_peak = f"{100 * moved / graphed / peak:.1f}"
-        except RuntimeError:    # the row's other columns stand without it
-            traceback.print_exc()
-            graphed_peak = "-"
+        calls = [partial(step, selective_state_update_triton, s) for s in states]
+        graphed, dependent = graphed_percent(calls, moved, peak, setup), "-"
+        if dependent_launch_supported(state.device):
+            module = importlib.import_module("rollout.kernels.state_update")
+            with step_launch(dataclasses.replace(module.STEP_LAUNCH, pdl=True)):
+                dependent = graphed_percent(calls, moved, peak, setup)
         rows.append([str(batch), f"{seconds * 1e6:.1f}", f"{moved / 1e6:.2f}", f"{moved / seconds / 1e9:.1f}",
-                     f"{100 * moved / seconds / peak:.1f}", graphed_peak, f"{err:.1e}"])
+                     f"{100 * moved / seconds / peak:.1f}", graphed, dependent, f"{err:.1e}"])
     return rows
 
 
 def decode(setup: Setup, peak: float) -> str:
     title = (f"decode: selective_state_update, nheads {setup.nheads}, headdim {setup.headdim}, dstate "
-             f"{setup.dstate}, ngroups {setup.ngroups}, fp32 state, bf16 x/dt/B/C, slots permuted")
-    return table(title, ["batch", "time_us", "MB", "GB/s", "%peak", "graphed_%peak", "rel_err"],
+             f"{setup.dstate}, ngroups {setup.ngroups}, fp32 state, bf16 x/dt/B/C, row i in slot i")
+    return table(title, ["batch", "time_us", "MB", "GB/s", "%peak", "graphed_%peak", "graphed_pdl_%peak", "rel_err"],
                  decode_rows(setup, peak))
 
 
@@ -301,14 +327,12 @@ def differences(launch: object) -> str:
 def tune_decode(setup: Setup, peak: float, launches: list) -> str:
     """% of peak bandwidth of the decode step per launch variant (rows) and batch size (columns), each cell
     the step timed alone and back to back in a CUDA graph (``decode_rows``' %peak/graphed_%peak)."""
-    module = importlib.import_module("rollout.kernels.state_update")
     rows = []
     for launch in launches:
-        module.STEP_LAUNCH = launch
-        result = decode_rows(setup, peak)
+        with step_launch(launch):
+            result = decode_rows(setup, peak)
         rows.append([differences(launch), *(f"{r[4]}/{r[5]}" for r in result),
                      f"{max(float(r[-1]) for r in result):.1e}"])
-    module.STEP_LAUNCH = module.StepLaunch()
     return table("decode: % of peak bandwidth per launch variant and batch, alone/graphed "
                  "(rel_err: the largest of the row)", ["variant", *map(str, setup.decode_batches), "rel_err"], rows)
 
@@ -347,8 +371,10 @@ def tune(setup: Setup, peak: float) -> None:
     variants of each kernel run: the interpreter is slow, and two show the code path."""
     step_module, scan_module = (importlib.import_module(f"rollout.kernels.{m}") for m in ("state_update", "ssd_scan"))
     Step, Scan = step_module.StepLaunch, scan_module.ScanLaunch
-    steps = [Step(), *(Step(block_p, num_warps) for block_p, num_warps in     # (4, 4): mamba_ssm's at dstate 128
-                       ((4, 4), (8, 2), (8, 4), (16, 4), (16, 8), (32, 8), (64, 2), (64, 4)))]
+    steps = [Step(), *(Step(block_p, num_warps, pdl=True) for block_p, num_warps in    # on sm_90 and up
+                       ((None, None), (8, 4), (16, 4), (16, 2), (64, 4))),
+             *(Step(block_p, num_warps) for block_p, num_warps in     # (4, 4): mamba_ssm's at dstate 128
+               ((4, 4), (8, 2), (8, 4), (16, 4), (16, 8), (32, 8), (64, 2), (64, 4)))]
     grid = [Scan(scan_block_k=k, state_warps=w, scan_warps=w, low_precision=low, precompute_cb=cb)
             for cb, low, k, w in product((False, True), (False, True), (16, 32, 64), (4, 8))]
     scans = grid + [Scan(**change) for change in (

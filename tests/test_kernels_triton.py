@@ -270,9 +270,11 @@ CASES: dict[str, Callable[[], None]] = {
 }
 
 
-def compile_sm90(kernel: Callable, io_ptrs: tuple[str, ...], constexprs: dict, options: dict | None = None) -> bytes:
-    """``kernel`` through Triton's whole compiler for an H100, at the launchers' block sizes, to a cubin;
-    ``io_ptrs`` point to bf16 activations, the other pointers to fp32 (int64 for indices and offsets)."""
+def compile_sm90(kernel: Callable, io_ptrs: tuple[str, ...], constexprs: dict,
+                 options: dict | None = None) -> dict[str, str | bytes]:
+    """``kernel`` through Triton's whole compiler for an H100, at the launchers' block sizes; returns its code
+    at each level (``ptx``, ``cubin``, ...). ``io_ptrs`` point to bf16 activations, the other pointers to fp32
+    (int64 for indices and offsets)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
@@ -287,9 +289,9 @@ def compile_sm90(kernel: Callable, io_ptrs: tuple[str, ...], constexprs: dict, o
 
     signature = {name: arg_type(name) for name in kernel.arg_names}
     src = ASTSource(kernel, signature, {(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
-    cubin = compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
-    assert cubin
-    return cubin
+    asm = compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm
+    assert asm["cubin"]
+    return asm
 
 
 def check_no_spills(names: tuple[str, ...]) -> None:
@@ -298,11 +300,26 @@ def check_no_spills(names: tuple[str, ...]) -> None:
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     for name in names:
         with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-            cubin.write(SM90[name]())
+            cubin.write(SM90[name]()["cubin"])
             cubin.flush()
             usage = subprocess.run([str(tool), "-res-usage", cubin.name], capture_output=True, text=True,
                                    check=True).stdout
         assert "STACK:0 " in usage and "LOCAL:0 " in usage, f"{name} spills: {usage}"
+
+
+def check_dependent_launch() -> None:
+    """The decode step under a programmatic dependent launch (``StepLaunch.pdl``), in its PTX: rows in the first
+    slots (the engine's way), it loads its state before it waits on the kernel before it; with a slot index,
+    which that kernel may have written, it loads nothing before. Either way it lets the next kernel start only
+    after its last load, so that kernel can write any input of this one once it has waited."""
+    for has_slots in (False, True):
+        ptx = compile_sm90(_state_update_kernel, (*ACTIVATIONS, "dt_ptr"),
+                           dict(HAS_SLOTS=has_slots, PDL=True, BLOCK_P=32, BLOCK_N=128),
+                           dict(num_warps=4, launch_pdl=True))["ptx"]
+        wait, launch = ptx.index("griddepcontrol.wait"), ptx.index("griddepcontrol.launch_dependents")
+        before = ptx[:wait].count("ld.global")
+        assert (before > 0) != has_slots, f"slot index {has_slots}: {before} loads before the wait"
+        assert wait < launch and "ld.global" not in ptx[launch:], ptx[launch:]
 
 
 ACTIVATIONS = ("x_ptr", "B_ptr", "C_ptr", "y_ptr", "out_ptr")
@@ -331,9 +348,11 @@ SM90: dict[str, Callable[[], object]] = {
                                               DOT_PRECISION="tf32"), SCAN_DOTS)
        for dtype in DOT_DTYPES},
     "sm90/state_update": partial(compile_sm90, _state_update_kernel, (*ACTIVATIONS, "dt_ptr"),
-                                 dict(HAS_SLOTS=True, BLOCK_P=32, BLOCK_N=128), dict(num_warps=4)),
+                                 dict(HAS_SLOTS=True, PDL=False, BLOCK_P=32, BLOCK_N=128), dict(num_warps=4)),
     "sm90/state_update-rows-are-slots": partial(compile_sm90, _state_update_kernel, (*ACTIVATIONS, "dt_ptr"),
-                                                dict(HAS_SLOTS=False, BLOCK_P=32, BLOCK_N=128), dict(num_warps=4)),
+                                                dict(HAS_SLOTS=False, PDL=False, BLOCK_P=32, BLOCK_N=128),
+                                                dict(num_warps=4)),
+    "sm90/state_update-dependent-launch": check_dependent_launch,
     "sm90/conv1d": partial(compile_sm90, _conv1d_kernel, (*ACTIVATIONS, "states_ptr"),
                            dict(WIDTH=4, HAS_BIAS=True, SILU=True, BLOCK_T=64, BLOCK_D=64, BLOCK_W=4)),
     "sm90/conv1d_update": partial(compile_sm90, _conv1d_update_kernel, ACTIVATIONS,
@@ -423,7 +442,8 @@ def test_bench_cpu_smoke_prints_the_tables() -> None:
     assert lines[0].startswith("# rollout kernels | device: CPU") and lines[1].startswith("peak bandwidth")
     first = next(i for i, line in enumerate(lines) if line.split()[:2] == ["batch", "time_us"]) + 1
     decode = [line.split() for line in lines[first:first + 3]]
-    assert [row[0] for row in decode] == ["1", "2", "4"] and all(len(row) == 7 for row in decode)
+    assert [row[0] for row in decode] == ["1", "2", "4"] and all(len(row) == 8 for row in decode)
+    assert all(row[6] == "-" for row in decode)    # no dependent launch below sm_90
     prefill = next(line.split() for line in lines if line.startswith("ssd_scan "))
     assert all(float(row[-1]) < 1e-2 for row in [*decode, prefill])     # rel_err: one bf16 rounding at most
     assert any(line.startswith("mamba_ssm") and "skipped" in line for line in lines)

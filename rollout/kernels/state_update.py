@@ -32,9 +32,11 @@ def _state_update_kernel(
     stride_s_slot, stride_s_h, stride_s_p, stride_x_b, stride_x_h, stride_dt_b, stride_dt_h,
     stride_B_b, stride_B_g, stride_C_b, stride_C_g, stride_y_b, stride_y_h,
     # Meta-parameters
-    HAS_SLOTS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SLOTS: tl.constexpr, PDL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One step for a block of headdim rows of one head of one batch row."""
+    """One step for a block of headdim rows of one head of one batch row. Under a programmatic dependent
+    launch (``PDL``), it reads what the kernel before it may write only after ``gdc_wait``; without a slot
+    index its state block is read before that, overlapping the kernel before it."""
     offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     pid_b = tl.program_id(1).to(tl.int64)
     pid_h = tl.program_id(2).to(tl.int64)
@@ -42,7 +44,12 @@ def _state_update_kernel(
     mask_p = offs_p < headdim
     mask_n = offs_n < dstate
     y_ptrs = y_ptr + pid_b * stride_y_b + pid_h * stride_y_h + offs_p
-    slot = tl.load(slot_ptr + pid_b).to(tl.int64) if HAS_SLOTS else pid_b   # no slot index: row i is slot i
+    if HAS_SLOTS:
+        if PDL:     # the slot index may come from the kernel before
+            tl.extra.cuda.gdc_wait()
+        slot = tl.load(slot_ptr + pid_b).to(tl.int64)
+    else:           # no slot index: row i is slot i
+        slot = pid_b
     if slot < 0:    # a padding row: zeros out, no state read or written
         tl.store(y_ptrs, tl.zeros((BLOCK_P,), dtype=y_ptr.dtype.element_ty), mask=mask_p)
         return
@@ -52,16 +59,21 @@ def _state_update_kernel(
                   + offs_n[None, :])
     mask = mask_p[:, None] & mask_n[None, :]
     h = tl.load(state_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if PDL and not HAS_SLOTS:   # the state is in flight; the inputs are the kernel before's outputs
+        tl.extra.cuda.gdc_wait()
     x = tl.load(x_ptr + pid_b * stride_x_b + pid_h * stride_x_h + offs_p, mask=mask_p, other=0.0).to(tl.float32)
     dt = _discretize_dt_tl(tl.load(dt_ptr + pid_b * stride_dt_b + pid_h * stride_dt_h), tl.load(dt_bias_ptr + pid_h),
                            dt_min, dt_max)
     A = tl.load(A_ptr + pid_h).to(tl.float32)
+    D = tl.load(D_ptr + pid_h).to(tl.float32)
     B = tl.load(B_ptr + pid_b * stride_B_b + group * stride_B_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     C = tl.load(C_ptr + pid_b * stride_C_b + group * stride_C_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    if PDL:         # every input is read: the next kernel may start on what does not depend on this one
+        tl.extra.cuda.gdc_launch_dependents()
 
     h = h * tl.exp(dt * A) + (dt * x)[:, None] * B[None, :]
     tl.store(state_ptrs, h.to(state_ptr.dtype.element_ty), mask=mask)
-    y = tl.sum(h * C[None, :], axis=1) + tl.load(D_ptr + pid_h).to(tl.float32) * x
+    y = tl.sum(h * C[None, :], axis=1) + D * x
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_p)
 
 
@@ -75,6 +87,15 @@ class StepLaunch:
 
     block_p: int | None = None    # headdim rows per program
     num_warps: int | None = None
+    # Programmatic dependent launch (sm_90 and up; ignored elsewhere): the step may start while the kernel
+    # before it runs, and reads its state meanwhile. That kernel must not write the state (in the engine it
+    # is the conv update); two steps launched back to back on one state would race.
+    pdl: bool = False
+
+
+def dependent_launch_supported(device: torch.device) -> bool:
+    """Whether ``StepLaunch.pdl`` applies on ``device``: griddepcontrol needs compute capability 9.0."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 STEP_LAUNCH = StepLaunch()
@@ -89,12 +110,14 @@ def _state_update_fwd(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A:
     block_p, num_warps = ((32, 4) if dstate <= 16 else (16, 4) if dstate <= 32 else (8, 4) if dstate <= 64
                           else (32, 4) if dstate <= 128 else (4, 8))
     block_p, num_warps = STEP_LAUNCH.block_p or block_p, STEP_LAUNCH.num_warps or num_warps
+    pdl = STEP_LAUNCH.pdl and dependent_launch_supported(x.device)
     _state_update_kernel[(triton.cdiv(headdim, block_p), batch, nheads)](
         state, x, dt, A, B, C, D, dt_bias, slot_idx, y,
         headdim, dstate, nheads // ngroups, float(dt_limit[0]), float(dt_limit[1]),
         state.stride(0), state.stride(1), state.stride(2), x.stride(0), x.stride(1), dt.stride(0), dt.stride(1),
         B.stride(0), B.stride(1), C.stride(0), C.stride(1), y.stride(0), y.stride(1),
-        HAS_SLOTS=slot_idx is not None, BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(dstate), num_warps=num_warps)
+        HAS_SLOTS=slot_idx is not None, PDL=pdl, BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(dstate),
+        num_warps=num_warps, launch_pdl=pdl)
 
 
 def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
