@@ -423,6 +423,13 @@ def test_kernels_compile_for_sm90() -> None:
     assert not failures, "\n".join(failures.values())
 
 
+def test_decode_step_under_a_dependent_launch_reads_its_state_first() -> None:
+    """The one check of ``StepLaunch.pdl`` short of a GPU (``check_dependent_launch``); ~5 s, so it is not
+    left to the slow test."""
+    outcome = run_in_subprocess(["sm90/state_update-dependent-launch"], interpret=False)
+    assert outcome["sm90/state_update-dependent-launch"] is None, outcome["sm90/state_update-dependent-launch"]
+
+
 def test_dispatch_runs_the_reference_on_cpu() -> None:
     g = torch.Generator().manual_seed(0)
     x, weight = randn(g, 1, 7, 5), randn(g, 5, 4)
