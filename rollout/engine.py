@@ -405,12 +405,17 @@ class RolloutEngine:
         cu = F.pad(lengths.cumsum(0), (1, 0))
         slots = torch.tensor([s.slot for s in seqs], device=device)
         layout = Padding.of(1, ids.shape[1], cu, device)
+        # Past the last Mamba or attention layer nothing is cached, so only each prompt's last token goes on.
+        layers = self.model.model.layers
+        cached = 1 + max((i for i, b in enumerate(layers) if b.block_type in (MAMBA, ATTENTION)), default=-1)
         hidden = self._layers(self.model.model.embeddings(ids),
                               lambda i, mixer, x: self._mamba_prefill(i, mixer, x, cu, slots),
-                              lambda i, attn, x: self._attention_prefill(i, attn, x, layout, slots))
+                              lambda i, attn, x: self._attention_prefill(i, attn, x, layout, slots),
+                              layers=range(cached))
         self.cache.lengths[slots] = lengths
         self.prefilled_tokens += ids.shape[1]
-        return self._logits(hidden[0, cu[1:] - 1])
+        hidden = self._layers(hidden[0, cu[1:] - 1], None, None, layers=range(cached, len(layers)))
+        return self._logits(hidden)
 
     def _first_tokens(self, seqs: list[_Sequence],
                       params: SamplingParams) -> tuple[list[list[int]], list[list[float]], list[list[bool]]]:
