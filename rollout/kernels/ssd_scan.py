@@ -557,18 +557,24 @@ class Padding(NamedTuple):
     source: torch.Tensor  # [nseq * longest] the token at each padded position (token 0 past a sequence's end)
     valid: torch.Tensor   # [nseq, longest] bool: a token, not padding
     target: torch.Tensor  # [batch * seqlen] the padded position of each token
+    order: torch.Tensor   # [nseq] the sequence in each row
 
     @classmethod
-    def of(cls, batch: int, seqlen: int, cu_seqlens: torch.Tensor | None, device: torch.device) -> Padding:
-        """The layout of one sequence per row, or of row 0's packed ones (which must cover the row)."""
+    def of(cls, batch: int, seqlen: int, cu_seqlens: torch.Tensor | None, device: torch.device,
+           longest_first: bool = False) -> Padding:
+        """The layout of one sequence per row, or of row 0's packed ones (which must cover the row); rows in
+        the sequences' order, or ``longest_first``."""
         cu = _flat_cu_seqlens(batch, seqlen, cu_seqlens, device)
         starts, lengths = cu[:-1], cu.diff()
+        order = (torch.argsort(lengths, descending=True, stable=True) if longest_first
+                 else torch.arange(len(lengths), device=device))               # the sequence of each row
+        rows = torch.empty_like(order).index_copy_(0, order, torch.arange(len(order), device=device))
         longest = int(lengths.max())
         steps = torch.arange(longest, device=device)
-        valid = steps < lengths[:, None]
+        valid = steps < lengths[order, None]
         owner = _owners(cu, batch * seqlen)
-        target = owner * longest + torch.arange(len(owner), device=device) - starts[owner]
-        return cls(torch.where(valid, starts[:, None] + steps, 0).flatten(), valid, target)
+        target = rows[owner] * longest + torch.arange(len(owner), device=device) - starts[owner]
+        return cls(torch.where(valid, starts[order, None] + steps, 0).flatten(), valid, target, order)
 
     def pad(self, t: torch.Tensor) -> torch.Tensor:
         """[batch, seqlen, ...] -> [nseq, longest, ...], zeros past each sequence's end."""
@@ -581,34 +587,41 @@ class Padding(NamedTuple):
 
 
 def _scan_chunks(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                 state: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequences side by side in fp32: x [S, T, H, P], dt [S, T, H] (0 past a sequence's end, so padding
-    neither decays nor feeds the state), B and C [S, T, G, N], state [S, H, P, N]; returns y [S, T, H, P]
-    and the final state. The work runs heads first, as [S, G, R, T, ...] with R = H / G heads per group:
-    every product is then one batched matmul that reads its operands in place, and a group's heads share
-    its B and C instead of each holding a copy."""
+                 state: torch.Tensor, chunk_size: int, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences side by side in fp32, longest first (``lengths``, non-increasing): x [S, T, H, P], dt [S, T, H]
+    (0 past a sequence's end, so padding neither decays nor feeds the state), B and C [S, T, G, N], state
+    [S, H, P, N]; returns y [S, T, H, P] (unset past each sequence's last chunk) and the final state. Each
+    chunk runs the sequences that reach it, a prefix of the rows, so the work follows the tokens, not the
+    longest sequence times their number. It runs heads first, as [S, G, R, T, ...] with
+    R = H / G heads per group: every product is then one batched matmul that reads its operands in place,
+    and a group's heads share its B and C instead of each holding a copy."""
     S, T, H, P = x.shape
     G = B.shape[2]
     a = (dt * A).unflatten(2, (G, -1)).movedim(1, -1)          # [S, G, R, T] the log-decay of each step, <= 0
     xdt = (x * dt[..., None]).unflatten(2, (G, -1)).movedim(1, 3).contiguous()      # [S, G, R, T, P]
     B, C = (t.unsqueeze(3).movedim(1, 3).contiguous() for t in (B, C))              # [S, G, 1, T, N]
-    state = state.unflatten(1, (G, -1))                                             # [S, G, R, P, N]
+    h = state.unflatten(1, (G, -1))                                                 # [S, G, R, P, N]
+    finals = torch.empty_like(h)
     y = x.new_empty(S, T, G, H // G, P)
     future = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=x.device).triu(1)   # s > t
     for start in range(0, T, chunk_size):
+        n = sum(length > start for length in lengths)
+        finals[n: len(h)] = h[n:]                   # the rows whose sequences ended in an earlier chunk
+        h = h[:n]
         chunk = slice(start, start + chunk_size)
-        cum = a[..., chunk].cumsum(-1)                                              # [S, G, R, q]
+        cum = a[:n, ..., chunk].cumsum(-1)                                          # [n, G, R, q]
         q = cum.shape[-1]
         # exp(cum_t - cum_s) for s <= t, else 0; the exponent is clamped at 0 so rounding cannot overflow it.
         gap = (cum[..., :, None] - cum[..., None, :]).clamp_(max=0.0)
-        decay = gap.masked_fill_(future[:q, :q], float("-inf")).exp_()             # [S, G, R, q(t), q(s)]
-        Cc, Bc, xc = C[..., chunk, :], B[..., chunk, :], xdt[..., chunk, :]
-        yc = ((Cc @ Bc.transpose(-1, -2)) * decay) @ xc                            # [S, G, R, q, P]
-        yc += cum.exp()[..., None] * (Cc @ state.transpose(-1, -2))
-        y[:, chunk] = yc.movedim(3, 1)
-        to_end = (cum[..., -1:] - cum).clamp_(max=0.0).exp_()                      # [S, G, R, q]
-        state = cum[..., -1, None, None].exp() * state + (xc * to_end[..., None]).transpose(-1, -2) @ Bc
-    return y.flatten(2, 3), state.flatten(1, 2)
+        decay = gap.masked_fill_(future[:q, :q], float("-inf")).exp_()             # [n, G, R, q(t), q(s)]
+        Cc, Bc, xc = C[:n, ..., chunk, :], B[:n, ..., chunk, :], xdt[:n, ..., chunk, :]
+        yc = ((Cc @ Bc.transpose(-1, -2)) * decay) @ xc                            # [n, G, R, q, P]
+        yc += cum.exp()[..., None] * (Cc @ h.transpose(-1, -2))
+        y[:n, chunk] = yc.movedim(3, 1)
+        to_end = (cum[..., -1:] - cum).clamp_(max=0.0).exp_()                      # [n, G, R, q]
+        h = cum[..., -1, None, None].exp() * h + (xc * to_end[..., None]).transpose(-1, -2) @ Bc
+    finals[: len(h)] = h
+    return y.flatten(2, 3), finals.flatten(1, 2)
 
 
 def ssd_scan_ref(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -626,11 +639,12 @@ def ssd_scan_ref(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Te
     final_states: [nseq, nheads, headdim, dstate] in fp32. The state is carried in fp32 throughout.
     """
     batch, seqlen, nheads, headdim = x.shape
-    padding = Padding.of(batch, seqlen, cu_seqlens, x.device)
+    padding = Padding.of(batch, seqlen, cu_seqlens, x.device, longest_first=True)
     dt = padding.pad(_discretize_dt(dt, dt_bias, dt_limit))
     B, C = (padding.pad(t.float()) for t in (B, C))
-    state = (initial_states.float() if initial_states is not None
+    state = (initial_states.float().index_select(0, padding.order) if initial_states is not None  # in row order
              else x.new_zeros(dt.shape[0], nheads, headdim, B.shape[-1], dtype=torch.float32))
-    y, finals = _scan_chunks(padding.pad(x.float()), dt, A.float(), B, C, state, chunk_size)
+    y, finals = _scan_chunks(padding.pad(x.float()), dt, A.float(), B, C, state, chunk_size,
+                             padding.valid.sum(1).tolist())
     y = padding.unpad(y, batch) + D.float()[:, None] * x.float()
-    return y.to(x.dtype), finals
+    return y.to(x.dtype), torch.empty_like(finals).index_copy_(0, padding.order, finals)   # in sequence order
