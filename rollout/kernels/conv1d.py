@@ -201,9 +201,10 @@ def causal_conv1d_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     stream = x.new_zeros(ntokens + (width - 1) * nseq, dim, dtype=torch.float32)
     stream.index_copy_(0, row, x.reshape(ntokens, dim).float())
     windows = len(stream) - width + 1                                          # window r ends at row r + width - 1
-    y = torch.zeros(windows, dim, device=x.device) if bias is None else bias.float().expand(windows, dim)
+    y = torch.zeros(windows, dim, device=x.device) if bias is None else bias.float().expand(windows, dim).clone()
+    taps = weight.float().t().contiguous()     # [width, dim]: a tap's weights contiguous, 2-3x faster to multiply
     for k in range(width):
-        y = torch.addcmul(y, stream[k: k + windows], weight[:, k].float())
+        y.addcmul_(stream[k: k + windows], taps[k])
     y = y.index_select(0, row - (width - 1)).to(weight.dtype)
     out = (F.silu(y) if silu else y).to(x.dtype).view(batch, seqlen, dim)
     # each sequence's last width - 1 rows of the stream (its zero rows where it is shorter)
