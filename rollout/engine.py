@@ -548,7 +548,7 @@ class RolloutEngine:
         return proj(x).unflatten(-1, (-1, attn.head_dim)).transpose(-3, -2)
 
     def _attention_prefill(self, i: int, attn: Any, x: torch.Tensor, layout: Padding, slots: torch.Tensor):
-        """All packed prompts in one call, as rows of a batch zero-padded at the end (``layout``): with
+        """All packed prompts in one call, as rows of a batch padded at the end (``layout``): with
         padding only after its tokens, a row's causal attention over them is that of the prompt alone."""
         q, k, v = (layout.pad(p(x)).unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)
                    for p in (attn.q_proj, attn.k_proj, attn.v_proj))                  # [prompts, heads, longest, d]

@@ -550,7 +550,7 @@ def _owners(cu_seqlens: torch.Tensor, ntokens: int) -> torch.Tensor:
 
 
 class Padding(NamedTuple):
-    """Sequences as rows of a [nseq, longest, ...] batch zero-padded at the end, and back: lets the
+    """Sequences as rows of a [nseq, longest, ...] batch padded at the end, and back: lets the
     references (and the engine's attention prefill) run every sequence at once instead of one by one.
     Each way is one ``index_select`` over the flattened [batch * seqlen] tokens."""
 
@@ -577,9 +577,10 @@ class Padding(NamedTuple):
         return cls(torch.where(valid, starts[order, None] + steps, 0).flatten(), valid, target, order)
 
     def pad(self, t: torch.Tensor) -> torch.Tensor:
-        """[batch, seqlen, ...] -> [nseq, longest, ...], zeros past each sequence's end."""
-        padded = t.flatten(0, 1).index_select(0, self.source).unflatten(0, self.valid.shape)
-        return padded * self.valid.reshape(*self.valid.shape, *[1] * (t.dim() - 2))
+        """[batch, seqlen, ...] -> [nseq, longest, ...]. Past a sequence's end a row holds copies of token 0:
+        finite values the caller masks (causal attention never reads them, a zero step makes the scan skip
+        them), which saves a pass over every padded tensor."""
+        return t.flatten(0, 1).index_select(0, self.source).unflatten(0, self.valid.shape)
 
     def unpad(self, padded: torch.Tensor, batch: int) -> torch.Tensor:
         """[nseq, longest, ...] -> [batch, seqlen, ...]: each token from its padded position."""
@@ -640,7 +641,7 @@ def ssd_scan_ref(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Te
     """
     batch, seqlen, nheads, headdim = x.shape
     padding = Padding.of(batch, seqlen, cu_seqlens, x.device, longest_first=True)
-    dt = padding.pad(_discretize_dt(dt, dt_bias, dt_limit))
+    dt = padding.pad(_discretize_dt(dt, dt_bias, dt_limit)) * padding.valid[..., None]   # padding: no step
     B, C = (padding.pad(t.float()) for t in (B, C))
     state = (initial_states.float().index_select(0, padding.order) if initial_states is not None  # in row order
              else x.new_zeros(dt.shape[0], nheads, headdim, B.shape[-1], dtype=torch.float32))
