@@ -46,7 +46,7 @@ import triton  # noqa: E402
 
 from rollout.kernels import (selective_state_update_ref, selective_state_update_triton, ssd_scan_ref,  # noqa: E402
                              ssd_scan_triton)
-from rollout.kernels.state_update import dependent_launch_supported  # noqa: E402
+from rollout.kernels import state_update  # noqa: E402
 
 MAMBA_INSTALL = "MAMBA_SKIP_CUDA_BUILD=TRUE pip install --no-build-isolation mamba-ssm"
 
@@ -174,12 +174,11 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> str:
 @contextlib.contextmanager
 def step_launch(launch: object) -> Iterator[None]:
     """The decode step launched as ``launch`` (a ``StepLaunch``) inside the block."""
-    module = importlib.import_module("rollout.kernels.state_update")
-    saved, module.STEP_LAUNCH = module.STEP_LAUNCH, launch
+    saved, state_update.STEP_LAUNCH = state_update.STEP_LAUNCH, launch
     try:
         yield
     finally:
-        module.STEP_LAUNCH = saved
+        state_update.STEP_LAUNCH = saved
 
 
 def graphed_percent(calls: list[Callable[[], object]], moved: int, peak: float, setup: Setup) -> str:
@@ -220,9 +219,8 @@ def decode_rows(setup: Setup, peak: float) -> list[list[str]]:
         states = [state, *(torch.randn_like(state) for _ in range(max(1, -(-2 * setup.flush_bytes // state.nbytes))))]
         calls = [partial(step, selective_state_update_triton, s) for s in states]
         graphed, dependent = graphed_percent(calls, moved, peak, setup), "-"
-        if dependent_launch_supported(state.device):
-            module = importlib.import_module("rollout.kernels.state_update")
-            with step_launch(dataclasses.replace(module.STEP_LAUNCH, pdl=True)):
+        if state_update.dependent_launch_supported(state.device):
+            with step_launch(dataclasses.replace(state_update.STEP_LAUNCH, pdl=True)):
                 dependent = graphed_percent(calls, moved, peak, setup)
         rows.append([str(batch), f"{seconds * 1e6:.1f}", f"{moved / 1e6:.2f}", f"{moved / seconds / 1e9:.1f}",
                      f"{100 * moved / seconds / peak:.1f}", graphed, dependent, f"{err:.1e}"])
@@ -369,8 +367,7 @@ def tune_prefill(setup: Setup, launches: list) -> str:
 def tune(setup: Setup, peak: float) -> None:
     """The decode step and the prefill scan under each launch variant. On CPU (``--cpu-smoke``) only two
     variants of each kernel run: the interpreter is slow, and two show the code path."""
-    step_module, scan_module = (importlib.import_module(f"rollout.kernels.{m}") for m in ("state_update", "ssd_scan"))
-    Step, Scan = step_module.StepLaunch, scan_module.ScanLaunch
+    Step, Scan = state_update.StepLaunch, importlib.import_module("rollout.kernels.ssd_scan").ScanLaunch
     steps = [Step(), *(Step(block_p, num_warps, pdl=True) for block_p, num_warps in    # on sm_90 and up
                        ((None, None), (8, 4), (16, 4), (16, 2), (64, 4))),
              *(Step(block_p, num_warps) for block_p, num_warps in     # (4, 4): mamba_ssm's at dstate 128
