@@ -151,6 +151,20 @@ def prefill_groups(lengths: Sequence[int], budget: int) -> list[range]:
     return groups + [range(start, len(lengths))]
 
 
+def length_runs(lengths: Sequence[int], shrink: float = 0.75) -> list[tuple[int, int, int]]:
+    """Runs of the rows of a longest-first padded batch (``lengths`` non-increasing), each as (first row,
+    end row, the run's longest length): a run ends before the first row at most ``shrink`` times as long as
+    the run's first. Causal attention over a run pads its rows only to that run's longest, and its cost goes
+    as rows times length squared: for 64 prompts of 27 to 73 tokens, four runs do 58% of the work of one."""
+    runs: list[tuple[int, int, int]] = []
+    for row, length in enumerate(lengths):
+        if not runs or length <= shrink * runs[-1][2]:
+            runs.append((row, row + 1, length))
+        else:
+            runs[-1] = (runs[-1][0], row + 1, runs[-1][2])
+    return runs
+
+
 def unwrap(model: Any) -> Any:
     """The bare model inside a DDP / accelerate wrapper."""
     while hasattr(model, "module"):
@@ -404,13 +418,14 @@ class RolloutEngine:
         lengths = torch.tensor([len(s.prompt_ids) for s in seqs], device=device)
         cu = F.pad(lengths.cumsum(0), (1, 0))
         slots = torch.tensor([s.slot for s in seqs], device=device)
-        layout = Padding.of(1, ids.shape[1], cu, device)
+        layout = Padding.of(1, ids.shape[1], cu, device, longest_first=True)
+        runs = length_runs(sorted((len(s.prompt_ids) for s in seqs), reverse=True))
         # Past the last Mamba or attention layer nothing is cached, so only each prompt's last token goes on.
         layers = self.model.model.layers
         cached = 1 + max((i for i, b in enumerate(layers) if b.block_type in (MAMBA, ATTENTION)), default=-1)
         hidden = self._layers(self.model.model.embeddings(ids),
                               lambda i, mixer, x: self._mamba_prefill(i, mixer, x, cu, slots),
-                              lambda i, attn, x: self._attention_prefill(i, attn, x, layout, slots),
+                              lambda i, attn, x: self._attention_prefill(i, attn, x, layout, runs, slots),
                               layers=range(cached))
         self.cache.lengths[slots] = lengths
         self.prefilled_tokens += ids.shape[1]
@@ -547,16 +562,24 @@ class RolloutEngine:
         """[..., tokens, hidden] -> [..., heads, tokens, head_dim]."""
         return proj(x).unflatten(-1, (-1, attn.head_dim)).transpose(-3, -2)
 
-    def _attention_prefill(self, i: int, attn: Any, x: torch.Tensor, layout: Padding, slots: torch.Tensor):
-        """All packed prompts in one call, as rows of a batch padded at the end (``layout``): with
-        padding only after its tokens, a row's causal attention over them is that of the prompt alone."""
+    def _attention_prefill(self, i: int, attn: Any, x: torch.Tensor, layout: Padding,
+                           runs: list[tuple[int, int, int]], slots: torch.Tensor):
+        """The packed prompts as rows of a batch padded at the end, longest first (``layout``): with padding
+        only after its tokens, a row's causal attention over them is that of the prompt alone. Each run of
+        rows of ``length_runs`` is one call, over its own longest length."""
         q, k, v = (layout.pad(p(x)).unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)
                    for p in (attn.q_proj, attn.k_proj, attn.v_proj))                  # [prompts, heads, longest, d]
         # Past its prompt a slot holds padding; decoding masks it and writes over it.
-        self.cache.keys[i][slots, :, : k.shape[2]] = k
-        self.cache.values[i][slots, :, : v.shape[2]] = v
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=True)
-        return attn.o_proj(layout.unpad(out.transpose(1, 2).flatten(2), 1))
+        rows = slots[layout.order]
+        self.cache.keys[i][rows, :, : k.shape[2]] = k
+        self.cache.values[i][rows, :, : v.shape[2]] = v
+        prompts, heads, longest, head_dim = q.shape
+        out = q.new_empty(prompts, longest, heads, head_dim)
+        for first, end, length in runs:     # past a run's longest its rows are padding, which unpad never reads
+            run = slice(first, end), slice(None), slice(length)
+            out[first:end, :length] = F.scaled_dot_product_attention(
+                q[run], k[run], v[run], is_causal=True, scale=attn.scaling, enable_gqa=True).transpose(1, 2)
+        return attn.o_proj(layout.unpad(out.flatten(2), 1))
 
     def _attention_step(self, i: int, attn: Any, x: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
                         bias: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 
 from model.configs import reduced
 from model.factory import build_model
-from rollout.engine import RolloutEngine, StateCache, gated_rms_norm, prefill_groups, rms_norm
+from rollout.engine import RolloutEngine, StateCache, gated_rms_norm, length_runs, prefill_groups, rms_norm
 from rollout.sampling import Draws, SamplingParams, choose_tokens, pick, sampling_logprobs
 
 TEXTS = ["What is 12 plus 30?", "Name a prime", "<|im_start|>system\n/think<|im_end|>\n<|im_start|>user\n"
@@ -109,6 +109,11 @@ def test_prefill_groups_hold_their_padded_layout_within_the_budget():
     assert prefill_groups([2, 2, 6, 1], 12) == [range(0, 2), range(2, 4)]     # 3 x 6 = 18 is past 12
     assert prefill_groups([3, 12, 2], 10) == [range(0, 1), range(1, 2), range(2, 3)]
     assert prefill_groups([4, 4], 1 << 15) == [range(0, 2)] and prefill_groups([], 8) == []
+
+
+def test_length_runs_cover_the_rows_and_start_where_the_length_falls_to_three_quarters():
+    assert length_runs([73, 60, 55, 54, 41, 40, 12]) == [(0, 3, 73), (3, 5, 54), (5, 6, 40), (6, 7, 12)]
+    assert length_runs([8, 8, 8]) == [(0, 3, 8)] and length_runs([5]) == [(0, 1, 5)] and length_runs([]) == []
 
 
 def test_a_prefill_budget_splits_the_prefill_and_changes_no_token(tiny_model, tokenizer, prompts):
