@@ -419,13 +419,13 @@ class RolloutEngine:
         cu = F.pad(lengths.cumsum(0), (1, 0))
         slots = torch.tensor([s.slot for s in seqs], device=device)
         layout = Padding.of(1, ids.shape[1], cu, device, longest_first=True)
-        runs = length_runs(sorted((len(s.prompt_ids) for s in seqs), reverse=True))
+        runs, rows = length_runs(sorted((len(s.prompt_ids) for s in seqs), reverse=True)), slots[layout.order]
         # Past the last Mamba or attention layer nothing is cached, so only each prompt's last token goes on.
         layers = self.model.model.layers
         cached = 1 + max((i for i, b in enumerate(layers) if b.block_type in (MAMBA, ATTENTION)), default=-1)
         hidden = self._layers(self.model.model.embeddings(ids),
                               lambda i, mixer, x: self._mamba_prefill(i, mixer, x, cu, slots),
-                              lambda i, attn, x: self._attention_prefill(i, attn, x, layout, runs, slots),
+                              lambda i, attn, x: self._attention_prefill(i, attn, x, layout, runs, rows),
                               layers=range(cached))
         self.cache.lengths[slots] = lengths
         self.prefilled_tokens += ids.shape[1]
@@ -563,14 +563,13 @@ class RolloutEngine:
         return proj(x).unflatten(-1, (-1, attn.head_dim)).transpose(-3, -2)
 
     def _attention_prefill(self, i: int, attn: Any, x: torch.Tensor, layout: Padding,
-                           runs: list[tuple[int, int, int]], slots: torch.Tensor):
-        """The packed prompts as rows of a batch padded at the end, longest first (``layout``): with padding
-        only after its tokens, a row's causal attention over them is that of the prompt alone. Each run of
-        rows of ``length_runs`` is one call, over its own longest length."""
+                           runs: list[tuple[int, int, int]], rows: torch.Tensor):
+        """The packed prompts as rows of a batch padded at the end, longest first (``layout``; ``rows``: the
+        cache slot of each row): with padding only after its tokens, a row's causal attention over them is
+        that of the prompt alone. Each run of rows of ``length_runs`` is one call, over its own longest."""
         q, k, v = (layout.pad(p(x)).unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)
                    for p in (attn.q_proj, attn.k_proj, attn.v_proj))                  # [prompts, heads, longest, d]
         # Past its prompt a slot holds padding; decoding masks it and writes over it.
-        rows = slots[layout.order]
         self.cache.keys[i][rows, :, : k.shape[2]] = k
         self.cache.values[i][rows, :, : v.shape[2]] = v
         prompts, heads, longest, head_dim = q.shape
