@@ -77,7 +77,9 @@ class StateCache:
         for i, block in enumerate(model.model.layers):
             mixer = block.mixer
             if block.block_type == MAMBA:
-                self.conv[i] = param.new_zeros(slots, mixer.conv_dim, mixer.conv_kernel_size - 1)
+                # [slots, conv_dim, width - 1] as the kernels take it, stored tap-major: a tap's channels
+                # are contiguous, which the compiled CPU step reads without strided loads
+                self.conv[i] = param.new_zeros(slots, mixer.conv_kernel_size - 1, mixer.conv_dim).transpose(1, 2)
                 self.ssm[i] = param.new_zeros(slots, mixer.num_heads, mixer.head_dim, mixer.ssm_state_size,
                                               dtype=state_dtype)
             elif block.block_type == ATTENTION:
@@ -209,10 +211,10 @@ class RolloutEngine:
         # end by reading their tokens back to the host, so no extra synchronisation is needed to time them.
         self.seconds = {"prefill": 0.0, "decode": 0.0}
         self.think_end = tokenizer.encode("</think>", add_special_tokens=False)
-        self.decay = self._decay()
+        self.decay, self.taps = self._weight_terms()
         self.compiled = compile
         if compile:
-            self._mark_static(self.decay.values())
+            self._mark_static([*self.decay.values(), *self.taps.values()])
         cuda_graphs = cuda_graphs and self.device.type == "cuda" and not compile
         self.graphs = (PiecewiseDecode(self, [b.block_type == ATTENTION for b in self.model.model.layers])
                        if cuda_graphs else None)
@@ -222,10 +224,13 @@ class RolloutEngine:
         self._step = (torch.compile(self._decode_and_pick, dynamic=True, options=options) if compile
                       else self._decode_and_pick)
 
-    def _decay(self) -> dict[int, torch.Tensor]:
-        """A = -exp(A_log) of each Mamba layer, computed once per weight version instead of per step."""
-        return {i: -torch.exp(block.mixer.A_log.float())
-                for i, block in enumerate(self.model.model.layers) if block.block_type == MAMBA}
+    def _weight_terms(self) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Terms of each Mamba layer's weights, computed once per weight version instead of per step:
+        A = -exp(A_log), and the conv weight tap-major [width, conv_dim], as the conv state is stored (the
+        decode step passes its transposed view: compiled on CPU, each tap's weights are then one vector load)."""
+        mixers = {i: block.mixer for i, block in enumerate(self.model.model.layers) if block.block_type == MAMBA}
+        return ({i: -torch.exp(mixer.A_log.float()) for i, mixer in mixers.items()},
+                {i: mixer.conv1d.weight[:, 0].t().contiguous() for i, mixer in mixers.items()})
 
     @staticmethod
     def _mark_static(tensors: Iterable[torch.Tensor]) -> None:
@@ -248,8 +253,9 @@ class RolloutEngine:
             raise KeyError(f"load_weights: the source has no {missing[:3]} (and {max(len(missing) - 3, 0)} more)")
         for name, tensor in own.items():
             tensor.copy_(state[name])
-        for i, value in self._decay().items():       # in place: a compiled step keeps reading these tensors
-            self.decay[i].copy_(value)
+        for terms, values in zip((self.decay, self.taps), self._weight_terms()):
+            for i, value in values.items():     # in place: a compiled step keeps reading these tensors
+                terms[i].copy_(value)
 
     # ---- generation -------------------------------------------------------------------------------------
 
@@ -539,7 +545,7 @@ class RolloutEngine:
     def _mamba_step(self, i: int, mixer: Any, x: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
         gate, xbc, dt = self._mamba_split(mixer, mixer.in_proj(x))
-        xbc = kernels.causal_conv1d_update(xbc, self.cache.conv[i], mixer.conv1d.weight[:, 0], mixer.conv1d.bias,
+        xbc = kernels.causal_conv1d_update(xbc, self.cache.conv[i], self.taps[i].t(), mixer.conv1d.bias,
                                            slot_idx=None)
         xs, B, C = self._ssm_inputs(mixer, xbc)
         groups = (batch, mixer.n_groups, mixer.ssm_state_size)

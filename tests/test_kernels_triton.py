@@ -126,12 +126,17 @@ def check_conv1d(*, batch: int = 1, T: int = 12, cu: tuple[int, ...] | None = (0
 
 
 def check_conv1d_update(*, slots: tuple[int, ...] | None = (3, -1, 0), nslots: int = 5, dim: int = 10,
-                        width: int = 4, bias: bool = True, silu: bool = True, strided: bool = False) -> None:
-    """out and the whole conv-state buffer (other slots untouched, padding rows zero)."""
+                        width: int = 4, bias: bool = True, silu: bool = True, strided: bool = False,
+                        tap_major: bool = False) -> None:
+    """out and the whole conv-state buffer (other slots untouched, padding rows zero). ``tap_major``: the
+    state and weight are transposed views of [nslots, width - 1, dim] and [width, dim], as the engine's."""
     batch, slot_idx, written = slot_rows(slots)
     g = torch.Generator().manual_seed(batch + dim)
-    conv_state = randn(g, nslots, dim, width - 1)
-    args = (layout(randn(g, batch, dim), strided), randn(g, dim, width), randn(g, dim) if bias else None)
+    if tap_major:
+        conv_state, weight = randn(g, nslots, width - 1, dim).transpose(1, 2), randn(g, width, dim).t()
+    else:
+        conv_state, weight = randn(g, nslots, dim, width - 1), randn(g, dim, width)
+    args = (layout(randn(g, batch, dim), strided), weight, randn(g, dim) if bias else None)
     got, want = conv_state.clone(), conv_state.clone()
     out = causal_conv1d_update_triton(args[0], got, *args[1:], slot_idx=slot_idx, silu=silu)
     assert_close(out, causal_conv1d_update_ref(args[0], want, *args[1:], slot_idx=slot_idx, silu=silu))
@@ -266,6 +271,8 @@ CASES: dict[str, Callable[[], None]] = {
     "conv1d_update/padding-strided": partial(check_conv1d_update, strided=True),
     "conv1d_update/no-bias-no-silu-width3": partial(check_conv1d_update, slots=(0, 4), width=3, bias=False, silu=False),
     "conv1d_update/rows-are-slots": partial(check_conv1d_update, slots=None),
+    "conv1d_update/tap-major": partial(check_conv1d_update, tap_major=True),
+    "conv1d_update/tap-major-rows-are-slots": partial(check_conv1d_update, slots=None, tap_major=True),
     "engine/tiny-greedy": check_engine,
 }
 

@@ -75,7 +75,7 @@ def _conv1d_update_kernel(
     # Dimensions
     dim,
     # Strides
-    stride_x_b, stride_s_slot, stride_s_d, stride_s_w, stride_w_d, stride_o_b,
+    stride_x_b, stride_s_slot, stride_s_d, stride_s_w, stride_w_d, stride_w_w, stride_o_b,
     # Meta-parameters
     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SLOTS: tl.constexpr, SILU: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
@@ -101,7 +101,7 @@ def _conv1d_update_kernel(
     window = tl.where(offs_w[None, :] == WIDTH - 1, x, window)
     shifted = tl.load(rows + (offs_w[None, :] + 1) * stride_s_w, mask=mask & (offs_w < WIDTH - 2)[None, :], other=0.0)
     shifted = tl.where(offs_w[None, :] == WIDTH - 2, x, shifted)
-    weight = tl.load(weight_ptr + offs_d[:, None] * stride_w_d + offs_w[None, :],
+    weight = tl.load(weight_ptr + offs_d[:, None] * stride_w_d + offs_w[None, :] * stride_w_w,
                      mask=mask_d[:, None] & (offs_w < WIDTH)[None, :], other=0.0)
     y = tl.sum(window.to(tl.float32) * weight.to(tl.float32), axis=1)
     if HAS_BIAS:
@@ -139,7 +139,7 @@ def _conv1d_update_fwd(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.
         x, conv_state, weight, bias, slot_idx, out,
         dim,
         x.stride(0), conv_state.stride(0), conv_state.stride(1), conv_state.stride(2), weight.stride(0),
-        out.stride(0),
+        weight.stride(1), out.stride(0),
         WIDTH=width, HAS_BIAS=bias is not None, HAS_SLOTS=slot_idx is not None, SILU=silu, BLOCK_D=_BLOCK_D,
         BLOCK_W=triton.next_power_of_2(width))
 
@@ -168,13 +168,13 @@ def causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torc
                          silu: bool = True) -> torch.Tensor:
     """One token per sequence through the conv, shifting its slot's state in place; Triton.
 
-    x: [batch, dim]; conv_state: [nslots, dim, width - 1], updated in place; weight: [dim, width];
-    bias: [dim] or None; slot_idx: [batch] int (< 0: padding row, zeros out, no state change), or None:
+    x: [batch, dim]; conv_state: [nslots, dim, width - 1], any strides, updated in place; weight: [dim, width],
+    any strides; bias: [dim] or None; slot_idx: [batch] int (< 0: padding row, zeros out, no state change), or None:
     row i is slot i (the first ``batch`` slots, read and written in place without a gather).
     Returns out: [batch, dim] in x's dtype.
     """
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _conv1d_update_fwd(_inner_contiguous(x), conv_state, _inner_contiguous(weight), bias,
+    _conv1d_update_fwd(_inner_contiguous(x), conv_state, weight, bias,
                        None if slot_idx is None else slot_idx.contiguous(), silu, out)
     return out
 
@@ -218,20 +218,23 @@ def causal_conv1d_update_ref(x: torch.Tensor, conv_state: torch.Tensor, weight: 
                              silu: bool = True) -> torch.Tensor:
     """One token per sequence through the conv, shifting its slot's state in place; PyTorch reference.
 
-    x: [batch, dim]; conv_state: [nslots, dim, width - 1], updated in place; weight: [dim, width];
-    bias: [dim] or None; slot_idx: [batch] int (< 0: padding row, zeros out, no state change), or None:
+    x: [batch, dim]; conv_state: [nslots, dim, width - 1], any strides, updated in place; weight: [dim, width],
+    any strides; bias: [dim] or None; slot_idx: [batch] int (< 0: padding row, zeros out, no state change), or None:
     row i is slot i (the first ``batch`` slots, read and written in place without a gather).
     Returns out: [batch, dim] in x's dtype.
     """
     states = conv_state[: x.shape[0]] if slot_idx is None else conv_state[slot_idx.clamp(min=0)]
-    window = torch.cat([states, x[..., None].to(conv_state.dtype)], dim=-1)
-    y = (window.to(weight.dtype) * weight).sum(-1)
+    # Tap-major, [batch, width, dim]: each tap's channels side by side, so the multiply-add runs along dim.
+    # The engine stores its conv states so (a [nslots, width - 1, dim] buffer seen through a transposed
+    # view); compiled on CPU, the window then needs no strided loads.
+    window = torch.cat([states.transpose(1, 2), x[:, None].to(conv_state.dtype)], dim=1)
+    y = (window.to(weight.dtype) * weight.t()).sum(1)
     if bias is not None:
         y = y + bias
     y = F.silu(y) if silu else y
     if slot_idx is None:
-        conv_state[: x.shape[0]] = window[..., 1:]
+        conv_state[: x.shape[0]] = window[:, 1:].transpose(1, 2)
         return y.to(x.dtype)
     valid = slot_idx >= 0
-    conv_state[slot_idx[valid]] = window[valid, :, 1:]
+    conv_state[slot_idx[valid]] = window[valid, 1:].transpose(1, 2)
     return (y * valid[:, None]).to(x.dtype)
