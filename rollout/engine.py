@@ -236,9 +236,12 @@ class RolloutEngine:
     def _mark_static(tensors: Iterable[torch.Tensor]) -> None:
         """Buffers of fixed size that the compiled step reads: their sizes are constants to the compiler.
         Left dynamic, a size that happens to equal the first batch's (KV heads, slots) would be tied to
-        it, and every other batch size would compile again."""
+        it, and every other batch size would compile again. A view's base is marked too (the conv states
+        are views of tap-major buffers): Dynamo guards on its sizes as well."""
         for tensor in tensors:
-            torch._dynamo.mark_static(tensor)
+            for t in (tensor, tensor._base):
+                if t is not None:
+                    torch._dynamo.mark_static(t)
 
     @property
     def device(self) -> torch.device:

@@ -255,6 +255,23 @@ def test_compiled_decode_step_equals_generate_and_follows_load_weights(tokenizer
         engine.load_weights(policy)
 
 
+def test_compiled_step_compiles_once_for_one_row_and_once_for_more(tokenizer, prompts):
+    """After a batch of two and a batch of one, runs of other batch sizes, step counts and KV spans reuse
+    those two graphs. A size that Dynamo's duck sizing ties to another would compile again: a first run of
+    3 steps against the conv state's width - 1, also 3, if the conv buffer behind its view were left
+    dynamic."""
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    engine = RolloutEngine(build_model("tiny", tokenizer, seed=0).eval(), tokenizer, max_batch=4, max_length=128,
+                           compile=True)
+    for n, new_tokens in ((2, 4), (1, 4), (3, 20), (2, 20)):    # runs of 3 steps, then of 8
+        engine.generate(prompts[:n], SamplingParams(max_new_tokens=new_tokens, temperature=0, stop_token_ids=()))
+        if n == 1:
+            warm = counters["stats"]["unique_graphs"]
+    assert warm == 2 and counters["stats"]["unique_graphs"] == warm
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_norms_equal_the_models_own_bit_for_bit(tiny_model, dtype):
     block = copy.deepcopy(tiny_model.model.layers[0]).to(dtype)
