@@ -427,7 +427,7 @@ class RolloutEngine:
         lengths = torch.tensor([len(s.prompt_ids) for s in seqs], device=device)
         cu = F.pad(lengths.cumsum(0), (1, 0))
         slots = torch.tensor([s.slot for s in seqs], device=device)
-        layout = Padding.of(1, ids.shape[1], cu, device, longest_first=True)
+        layout = Padding.of(1, ids.shape[1], cu, device)
         runs, rows = length_runs(sorted((len(s.prompt_ids) for s in seqs), reverse=True)), slots[layout.order]
         # Past the last Mamba or attention layer nothing is cached, so only each prompt's last token goes on.
         layers = self.model.model.layers

@@ -550,9 +550,9 @@ def _owners(cu_seqlens: torch.Tensor, ntokens: int) -> torch.Tensor:
 
 
 class Padding(NamedTuple):
-    """Sequences as rows of a [nseq, longest, ...] batch padded at the end, and back: lets the
-    references (and the engine's attention prefill) run every sequence at once instead of one by one.
-    Each way is one ``index_select`` over the flattened [batch * seqlen] tokens."""
+    """Sequences as rows of a [nseq, longest, ...] batch padded at the end, and back: lets the engine's
+    attention prefill run every prompt at once instead of one by one. Each way is one ``index_select`` over
+    the flattened [batch * seqlen] tokens."""
 
     source: torch.Tensor  # [nseq * longest] the token at each padded position (token 0 past a sequence's end)
     valid: torch.Tensor   # [nseq, longest] bool: a token, not padding
@@ -560,14 +560,12 @@ class Padding(NamedTuple):
     order: torch.Tensor   # [nseq] the sequence in each row
 
     @classmethod
-    def of(cls, batch: int, seqlen: int, cu_seqlens: torch.Tensor | None, device: torch.device,
-           longest_first: bool = False) -> Padding:
-        """The layout of one sequence per row, or of row 0's packed ones (which must cover the row); rows in
-        the sequences' order, or ``longest_first``."""
+    def of(cls, batch: int, seqlen: int, cu_seqlens: torch.Tensor | None, device: torch.device) -> Padding:
+        """The layout of one sequence per row, or of row 0's packed ones (which must cover the row); rows
+        longest first."""
         cu = _flat_cu_seqlens(batch, seqlen, cu_seqlens, device)
         starts, lengths = cu[:-1], cu.diff()
-        order = (torch.argsort(lengths, descending=True, stable=True) if longest_first
-                 else torch.arange(len(lengths), device=device))               # the sequence of each row
+        order = torch.argsort(lengths, descending=True, stable=True)           # the sequence of each row
         rows = torch.empty_like(order).index_copy_(0, order, torch.arange(len(order), device=device))
         longest = int(lengths.max())
         steps = torch.arange(longest, device=device)
@@ -578,8 +576,7 @@ class Padding(NamedTuple):
 
     def pad(self, t: torch.Tensor) -> torch.Tensor:
         """[batch, seqlen, ...] -> [nseq, longest, ...]. Past a sequence's end a row holds copies of token 0:
-        finite values the caller masks (causal attention never reads them, a zero step makes the scan skip
-        them), which saves a pass over every padded tensor."""
+        finite values that causal attention never reads, which saves a pass over every padded tensor."""
         return t.flatten(0, 1).index_select(0, self.source).unflatten(0, self.valid.shape)
 
     def unpad(self, padded: torch.Tensor, batch: int) -> torch.Tensor:
@@ -587,42 +584,73 @@ class Padding(NamedTuple):
         return padded.flatten(0, 1).index_select(0, self.target).unflatten(0, (batch, -1))
 
 
-def _scan_chunks(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                 state: torch.Tensor, chunk_size: int, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequences side by side in fp32, longest first (``lengths``, non-increasing): x [S, T, H, P], dt [S, T, H]
-    (0 past a sequence's end, so padding neither decays nor feeds the state), B and C [S, T, G, N], state
-    [S, H, P, N]; returns y [S, T, H, P] (unset past each sequence's last chunk) and the final state. Each
-    chunk runs the sequences that reach it, a prefix of the rows, so the work follows the tokens, not the
-    longest sequence times their number. It runs heads first, as [S, G, R, T, ...] with
-    R = H / G heads per group: every product is then one batched matmul that reads its operands in place,
-    and a group's heads share its B and C instead of each holding a copy."""
-    S, T, H, P = x.shape
-    G = B.shape[2]
-    a = (dt * A).unflatten(2, (G, -1)).movedim(1, -1)          # [S, G, R, T] the log-decay of each step, <= 0
-    xdt = (x * dt[..., None]).unflatten(2, (G, -1)).movedim(1, 3).contiguous()      # [S, G, R, T, P]
-    B, C = (t.unsqueeze(3).movedim(1, 3).contiguous() for t in (B, C))              # [S, G, 1, T, N]
-    h = state.unflatten(1, (G, -1))                                                 # [S, G, R, P, N]
-    finals = torch.empty_like(h)
-    y = x.new_empty(S, T, G, H // G, P)
-    future = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=x.device).triu(1)   # s > t
-    for start in range(0, T, chunk_size):
-        n = sum(length > start for length in lengths)
-        finals[n: len(h)] = h[n:]                   # the rows whose sequences ended in an earlier chunk
-        h = h[:n]
-        chunk = slice(start, start + chunk_size)
-        cum = a[:n, ..., chunk].cumsum(-1)                                          # [n, G, R, q]
-        q = cum.shape[-1]
-        # exp(cum_t - cum_s) for s <= t, else 0; the exponent is clamped at 0 so rounding cannot overflow it.
-        gap = (cum[..., :, None] - cum[..., None, :]).clamp_(max=0.0)
-        decay = gap.masked_fill_(future[:q, :q], float("-inf")).exp_()             # [n, G, R, q(t), q(s)]
-        Cc, Bc, xc = C[:n, ..., chunk, :], B[:n, ..., chunk, :], xdt[:n, ..., chunk, :]
-        yc = ((Cc @ Bc.transpose(-1, -2)) * decay) @ xc                            # [n, G, R, q, P]
-        yc += cum.exp()[..., None] * (Cc @ h.transpose(-1, -2))
-        y[:n, chunk] = yc.movedim(3, 1)
-        to_end = (cum[..., -1:] - cum).clamp_(max=0.0).exp_()                      # [n, G, R, q]
-        h = cum[..., -1, None, None].exp() * h + (xc * to_end[..., None]).transpose(-1, -2) @ Bc
-    finals[: len(h)] = h
-    return y.flatten(2, 3), finals.flatten(1, 2)
+class ChunkLayout(NamedTuple):
+    """Packed sequences cut into chunks of ``chunk`` tokens that never hold two sequences (as the kernels cut
+    them), laid out chunk index first: the first chunk of every sequence, then the second of every sequence
+    that has one, and so on, longest sequence first within each. The sequences with a c-th chunk are then the
+    first ``counts[c]`` rows of the state the scan hands from chunk to chunk. Positions past a sequence's end
+    hold token 0, which the scan neutralises with a zero step."""
+
+    source: torch.Tensor  # [nchunks * chunk] the token at each chunk position
+    valid: torch.Tensor   # [nchunks, chunk] bool: a token, not padding
+    target: torch.Tensor  # [ntokens] the chunk position of each token
+    order: torch.Tensor   # [nseq] the sequence of each state row, longest first
+    counts: list[int]     # [max chunks of a sequence] how many sequences have a c-th chunk
+
+    @classmethod
+    def of(cls, cu_seqlens: torch.Tensor, ntokens: int, chunk: int) -> ChunkLayout:
+        """The layout of the sequences at int64 offsets ``cu_seqlens``, which must cover ``ntokens``."""
+        device = cu_seqlens.device
+        starts, lengths = cu_seqlens[:-1], cu_seqlens.diff()
+        order = torch.argsort(lengths, descending=True, stable=True)
+        rank = torch.empty_like(order).index_copy_(0, order, torch.arange(len(order), device=device))
+        nchunks = (lengths[order] + chunk - 1) // chunk                         # per state row, non-increasing
+        counts = (nchunks[None] > torch.arange(int(nchunks[0]), device=device)[:, None]).sum(1)
+        first = F.pad(counts.cumsum(0), (1, 0))                                 # chunk index c starts here
+        owner = _owners(cu_seqlens, ntokens)
+        step = torch.arange(ntokens, device=device) - starts[owner]
+        target = (first[step // chunk] + rank[owner]) * chunk + step % chunk
+        total = int(first[-1]) * chunk
+        source = torch.zeros(total, dtype=torch.int64, device=device).index_copy_(
+            0, target, torch.arange(ntokens, device=device))
+        valid = torch.zeros(total, dtype=torch.bool, device=device).index_fill_(0, target, True)
+        return cls(source, valid.view(-1, chunk), target, order, counts.tolist())
+
+    def heads(self, t: torch.Tensor) -> torch.Tensor:
+        """[ntokens, H, ...] -> [nchunks, H, chunk, ...]: each head's chunk contiguous, so the chunk products
+        are batched matmuls over (chunk, head) that read their operands in place."""
+        nchunks, chunk = self.valid.shape
+        heads = t.shape[1]
+        rows = (self.source.view(nchunks, 1, chunk) * heads + torch.arange(heads, device=t.device)[:, None])
+        return t.flatten(0, 1).index_select(0, rows.flatten()).view(nchunks, heads, chunk, *t.shape[2:])
+
+    def unheads(self, t: torch.Tensor) -> torch.Tensor:
+        """[nchunks, H, chunk, ...] -> [ntokens, H, ...], the inverse of ``heads`` on the tokens."""
+        chunk, heads = self.valid.shape[1], t.shape[1]
+        rows = (self.target // chunk * heads)[:, None] + torch.arange(heads, device=t.device)
+        rows = rows * chunk + (self.target % chunk)[:, None]
+        return t.flatten(0, 2).index_select(0, rows.flatten()).view(len(self.target), heads, *t.shape[3:])
+
+
+def _pass_states(states: torch.Tensor, decay: torch.Tensor, state: torch.Tensor,
+                 counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The serial hand-off: states [K, ...] what each chunk adds (``ChunkLayout`` order), decay [K, ...] the
+    chunk's total decay (broadcast over the state's last two dims), state [S, ...] each row's initial state.
+    Returns the state entering each chunk [K, ...] and each row's final state [S, ...]."""
+    entering, finals = torch.empty_like(states), torch.empty_like(state)
+    first = 0
+    for n in counts:
+        finals[n: len(state)] = state[n:]           # the rows whose sequences ended with the chunk before
+        block = slice(first, first + n)
+        entering[block] = state = state[:n]
+        state = torch.addcmul(states[block], state, decay[block, ..., None, None])
+        first += n
+    finals[: len(state)] = state
+    return entering, finals
+
+
+#: the most elements of the intra-chunk decay matrices the reference holds at once
+_DECAY_BUDGET = 1 << 24
 
 
 def ssd_scan_ref(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -640,12 +668,33 @@ def ssd_scan_ref(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Te
     final_states: [nseq, nheads, headdim, dstate] in fp32. The state is carried in fp32 throughout.
     """
     batch, seqlen, nheads, headdim = x.shape
-    padding = Padding.of(batch, seqlen, cu_seqlens, x.device, longest_first=True)
-    dt = padding.pad(_discretize_dt(dt, dt_bias, dt_limit)) * padding.valid[..., None]   # padding: no step
-    B, C = (padding.pad(t.float()) for t in (B, C))
-    state = (initial_states.float().index_select(0, padding.order) if initial_states is not None  # in row order
-             else x.new_zeros(dt.shape[0], nheads, headdim, B.shape[-1], dtype=torch.float32))
-    y, finals = _scan_chunks(padding.pad(x.float()), dt, A.float(), B, C, state, chunk_size,
-                             padding.valid.sum(1).tolist())
-    y = padding.unpad(y, batch) + D.float()[:, None] * x.float()
-    return y.to(x.dtype), torch.empty_like(finals).index_copy_(0, padding.order, finals)   # in sequence order
+    ngroups, dstate = B.shape[2:]
+    ntokens, heads = batch * seqlen, nheads // ngroups         # heads per group
+    layout = ChunkLayout.of(_flat_cu_seqlens(batch, seqlen, cu_seqlens, x.device), ntokens, chunk_size)
+    nchunks, chunk = layout.valid.shape
+    # Every chunk at once, heads first: [chunks, groups, heads per group, chunk, ...].
+    dt = _discretize_dt(dt, dt_bias, dt_limit).reshape(ntokens, nheads)
+    dt = (layout.heads(dt[..., None])[..., 0] * layout.valid[:, None]).view(nchunks, ngroups, heads, chunk)
+    xdt = layout.heads(x.float().reshape(ntokens, nheads, headdim)).view(*dt.shape, headdim) * dt[..., None]
+    B, C = (layout.heads(t.float().reshape(ntokens, ngroups, dstate))[:, :, None] for t in (B, C))  # [K, G, 1, q, N]
+    cum = (dt * A.float().view(ngroups, heads, 1)).cumsum(-1)                 # the running log-decay, <= 0
+    # What each chunk adds to the state, then the serial hand-off from chunk to chunk.
+    to_end = (cum[..., -1:] - cum).clamp_(max=0.0).exp_()
+    states = xdt.transpose(-1, -2) @ (B * to_end[..., None])                  # [K, G, R, P, N]
+    state = (initial_states.float().index_select(0, layout.order) if initial_states is not None  # in row order
+             else x.new_zeros(len(layout.order), nheads, headdim, dstate, dtype=torch.float32))
+    entering, finals = _pass_states(states, cum[..., -1].exp(), state.view(-1, ngroups, heads, headdim, dstate),
+                                    layout.counts)
+    # The outputs: from the state entering the chunk, plus the chunk's own tokens (the masked quadratic form,
+    # exp(cum_t - cum_s) for s <= t, its exponent clamped at 0 so rounding cannot overflow it).
+    y = (C * cum.exp()[..., None]) @ entering.transpose(-1, -2)               # [K, G, R, q, P]
+    future = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).triu(1)
+    rows = max(1, _DECAY_BUDGET // (nheads * chunk * chunk))
+    for k in range(0, nchunks, rows):
+        part = slice(k, k + rows)
+        decay = (cum[part, ..., :, None] - cum[part, ..., None, :]).clamp_(max=0.0)
+        decay = decay.masked_fill_(future, float("-inf")).exp_().mul_(C[part] @ B[part].transpose(-1, -2))
+        y[part].view(-1, chunk, headdim).baddbmm_(decay.view(-1, chunk, chunk), xdt[part].view(-1, chunk, headdim))
+    y = torch.addcmul(layout.unheads(y.flatten(1, 2)), D.float()[:, None], x.float().reshape(ntokens, nheads, headdim))
+    finals = torch.empty_like(finals).index_copy_(0, layout.order, finals)    # in sequence order
+    return y.view(x.shape).to(x.dtype), finals.flatten(1, 2)
