@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -54,6 +56,25 @@ def test_packed_sequences_do_not_leak_state():
     y, finals = ssd_scan_ref(**a, chunk_size=4, dt_limit=LIMIT, initial_states=init, cu_seqlens=cu)
     assert torch.equal(init, before)
     for i, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        want_y, want_state = recurrence(a["x"][0, s:e], a["dt"][0, s:e], a["A"], a["B"][0, s:e], a["C"][0, s:e],
+                                        a["D"], a["dt_bias"], init[i])
+        torch.testing.assert_close(y[0, s:e], want_y, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(finals[i], want_state, atol=1e-4, rtol=1e-4)
+
+
+def test_packed_scan_in_slices_of_the_decay_budget_matches_recurrence(monkeypatch):
+    """Long prompts build their intra-chunk decay matrices a few chunks at a time: with a budget of one
+    element, one chunk per slice, the scan still equals the recurrence, and an empty sequence keeps its
+    initial state."""
+    monkeypatch.setattr(importlib.import_module("rollout.kernels.ssd_scan"), "_DECAY_BUDGET", 1)
+    cu = torch.tensor([0, 9, 9, 12, 25])
+    a = inputs(25, seed=3)
+    init = torch.randn(4, H, P, N)
+    y, finals = ssd_scan_ref(**a, chunk_size=4, dt_limit=LIMIT, initial_states=init, cu_seqlens=cu)
+    for i, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        if s == e:
+            assert torch.equal(finals[i], init[i])
+            continue
         want_y, want_state = recurrence(a["x"][0, s:e], a["dt"][0, s:e], a["A"], a["B"][0, s:e], a["C"][0, s:e],
                                         a["D"], a["dt_bias"], init[i])
         torch.testing.assert_close(y[0, s:e], want_y, atol=1e-4, rtol=1e-4)
