@@ -669,21 +669,21 @@ def ssd_scan_ref(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Te
     """
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2:]
-    ntokens, heads = batch * seqlen, nheads // ngroups         # heads per group
+    ntokens, per_group = batch * seqlen, nheads // ngroups     # heads per group
     layout = ChunkLayout.of(_flat_cu_seqlens(batch, seqlen, cu_seqlens, x.device), ntokens, chunk_size)
     nchunks, chunk = layout.valid.shape
     # Every chunk at once, heads first: [chunks, groups, heads per group, chunk, ...].
     dt = _discretize_dt(dt, dt_bias, dt_limit).reshape(ntokens, nheads)
-    dt = (layout.heads(dt[..., None])[..., 0] * layout.valid[:, None]).view(nchunks, ngroups, heads, chunk)
+    dt = (layout.heads(dt[..., None])[..., 0] * layout.valid[:, None]).view(nchunks, ngroups, per_group, chunk)
     xdt = layout.heads(x.float().reshape(ntokens, nheads, headdim)).view(*dt.shape, headdim) * dt[..., None]
     B, C = (layout.heads(t.float().reshape(ntokens, ngroups, dstate))[:, :, None] for t in (B, C))  # [K, G, 1, q, N]
-    cum = (dt * A.float().view(ngroups, heads, 1)).cumsum(-1)                 # the running log-decay, <= 0
+    cum = (dt * A.float().view(ngroups, per_group, 1)).cumsum(-1)             # the running log-decay, <= 0
     # What each chunk adds to the state, then the serial hand-off from chunk to chunk.
     to_end = (cum[..., -1:] - cum).clamp_(max=0.0).exp_()
     states = xdt.transpose(-1, -2) @ (B * to_end[..., None])                  # [K, G, R, P, N]
     state = (initial_states.float().index_select(0, layout.order) if initial_states is not None  # in row order
              else x.new_zeros(len(layout.order), nheads, headdim, dstate, dtype=torch.float32))
-    entering, finals = _pass_states(states, cum[..., -1].exp(), state.view(-1, ngroups, heads, headdim, dstate),
+    entering, finals = _pass_states(states, cum[..., -1].exp(), state.view(-1, ngroups, per_group, headdim, dstate),
                                     layout.counts)
     # The outputs: from the state entering the chunk, plus the chunk's own tokens (the masked quadratic form,
     # exp(cum_t - cum_s) for s <= t, its exponent clamped at 0 so rounding cannot overflow it).
