@@ -22,7 +22,7 @@ import copy
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from rollout import kernels
 from rollout.graphs import PiecewiseDecode
-from rollout.kernels.ssd_scan import Padding
+from rollout.kernels.ssd_scan import _owners
 from rollout.sampling import Draws, SamplingParams, pick
 
 MAMBA, ATTENTION = "linear_attention", "full_attention"
@@ -137,6 +137,40 @@ def gated_rms_norm(norm: Any, x: torch.Tensor, gate: torch.Tensor) -> torch.Tens
         return norm(x, gate)
     groups = (x * F.silu(gate)).unflatten(-1, (-1, norm.group_size))
     return norm.weight * F.rms_norm(groups, groups.shape[-1:], eps=norm.variance_epsilon).flatten(-2)
+
+
+class Padding(NamedTuple):
+    """Packed prompts as rows of a [nseq, longest, ...] batch padded at the end, longest first, and back:
+    lets the attention prefill run every prompt at once instead of one by one. Each way is one
+    ``index_select`` over the packed tokens."""
+
+    source: torch.Tensor  # [nseq * longest] the token at each padded position (token 0 past a prompt's end)
+    valid: torch.Tensor   # [nseq, longest] bool: a token, not padding
+    target: torch.Tensor  # [ntokens] the padded position of each token
+    order: torch.Tensor   # [nseq] the prompt in each row
+
+    @classmethod
+    def of(cls, cu_seqlens: torch.Tensor, ntokens: int) -> Padding:
+        """The layout of the prompts at int64 offsets ``cu_seqlens``, which must cover ``ntokens``."""
+        device = cu_seqlens.device
+        starts, lengths = cu_seqlens[:-1], cu_seqlens.diff()
+        order = torch.argsort(lengths, descending=True, stable=True)           # the prompt of each row
+        rows = torch.empty_like(order).index_copy_(0, order, torch.arange(len(order), device=device))
+        longest = int(lengths.max())
+        steps = torch.arange(longest, device=device)
+        valid = steps < lengths[order, None]
+        owner = _owners(cu_seqlens, ntokens)
+        target = rows[owner] * longest + torch.arange(ntokens, device=device) - starts[owner]
+        return cls(torch.where(valid, starts[order, None] + steps, 0).flatten(), valid, target, order)
+
+    def pad(self, t: torch.Tensor) -> torch.Tensor:
+        """[1, ntokens, ...] -> [nseq, longest, ...]. Past a prompt's end a row holds copies of token 0:
+        finite values that causal attention never reads, which saves a pass over every padded tensor."""
+        return t.flatten(0, 1).index_select(0, self.source).unflatten(0, self.valid.shape)
+
+    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
+        """[nseq, longest, ...] -> [1, ntokens, ...]: each token from its padded position."""
+        return padded.flatten(0, 1).index_select(0, self.target)[None]
 
 
 def prefill_groups(lengths: Sequence[int], budget: int) -> list[range]:
@@ -427,7 +461,7 @@ class RolloutEngine:
         lengths = torch.tensor([len(s.prompt_ids) for s in seqs], device=device)
         cu = F.pad(lengths.cumsum(0), (1, 0))
         slots = torch.tensor([s.slot for s in seqs], device=device)
-        layout = Padding.of(1, ids.shape[1], cu, device)
+        layout = Padding.of(cu, ids.shape[1])
         runs, rows = length_runs(sorted((len(s.prompt_ids) for s in seqs), reverse=True)), slots[layout.order]
         # Past the last Mamba or attention layer nothing is cached, so only each prompt's last token goes on.
         layers = self.model.model.layers
@@ -587,7 +621,7 @@ class RolloutEngine:
             run = slice(first, end), slice(None), slice(length)
             out[first:end, :length] = F.scaled_dot_product_attention(
                 q[run], k[run], v[run], is_causal=True, scale=attn.scaling, enable_gqa=True).transpose(1, 2)
-        return attn.o_proj(layout.unpad(out.flatten(2), 1))
+        return attn.o_proj(layout.unpad(out.flatten(2)))
 
     def _attention_step(self, i: int, attn: Any, x: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
                         bias: torch.Tensor) -> torch.Tensor:

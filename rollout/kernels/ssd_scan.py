@@ -549,41 +549,6 @@ def _owners(cu_seqlens: torch.Tensor, ntokens: int) -> torch.Tensor:
     return owner
 
 
-class Padding(NamedTuple):
-    """Sequences as rows of a [nseq, longest, ...] batch padded at the end, and back: lets the engine's
-    attention prefill run every prompt at once instead of one by one. Each way is one ``index_select`` over
-    the flattened [batch * seqlen] tokens."""
-
-    source: torch.Tensor  # [nseq * longest] the token at each padded position (token 0 past a sequence's end)
-    valid: torch.Tensor   # [nseq, longest] bool: a token, not padding
-    target: torch.Tensor  # [batch * seqlen] the padded position of each token
-    order: torch.Tensor   # [nseq] the sequence in each row
-
-    @classmethod
-    def of(cls, batch: int, seqlen: int, cu_seqlens: torch.Tensor | None, device: torch.device) -> Padding:
-        """The layout of one sequence per row, or of row 0's packed ones (which must cover the row); rows
-        longest first."""
-        cu = _flat_cu_seqlens(batch, seqlen, cu_seqlens, device)
-        starts, lengths = cu[:-1], cu.diff()
-        order = torch.argsort(lengths, descending=True, stable=True)           # the sequence of each row
-        rows = torch.empty_like(order).index_copy_(0, order, torch.arange(len(order), device=device))
-        longest = int(lengths.max())
-        steps = torch.arange(longest, device=device)
-        valid = steps < lengths[order, None]
-        owner = _owners(cu, batch * seqlen)
-        target = rows[owner] * longest + torch.arange(len(owner), device=device) - starts[owner]
-        return cls(torch.where(valid, starts[order, None] + steps, 0).flatten(), valid, target, order)
-
-    def pad(self, t: torch.Tensor) -> torch.Tensor:
-        """[batch, seqlen, ...] -> [nseq, longest, ...]. Past a sequence's end a row holds copies of token 0:
-        finite values that causal attention never reads, which saves a pass over every padded tensor."""
-        return t.flatten(0, 1).index_select(0, self.source).unflatten(0, self.valid.shape)
-
-    def unpad(self, padded: torch.Tensor, batch: int) -> torch.Tensor:
-        """[nseq, longest, ...] -> [batch, seqlen, ...]: each token from its padded position."""
-        return padded.flatten(0, 1).index_select(0, self.target).unflatten(0, (batch, -1))
-
-
 class ChunkLayout(NamedTuple):
     """Packed sequences cut into chunks of ``chunk`` tokens that never hold two sequences (as the kernels cut
     them), laid out chunk index first: the first chunk of every sequence, then the second of every sequence
