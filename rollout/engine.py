@@ -494,12 +494,15 @@ class RolloutEngine:
         tokens = torch.tensor([s.tokens[-1] for s in seqs], device=self.device)
         positions = self.cache.lengths[: len(seqs)]
         # Every step of the run reads the KV span its last step needs: step j's mask [batch, span] is then a
-        # contiguous slice of one tensor made for the whole run, not a tensor made before each step. That
-        # tensor has rows for two steps at least: the compiled step guards on the size of its mask's base,
-        # and would specialize a size of one, compiling again for a run of one step.
+        # slice of one tensor made for the whole run, not a tensor made before each step. That tensor has
+        # rows for ``steps_per_sync`` steps, however many the run takes, and that size is marked static: the
+        # compiled step guards on the size of its mask's base, where Dynamo would specialize a run of one
+        # step and tie a step count to an equal batch size, each a new compile.
         span = max(len(s.prompt_ids) + len(s.tokens) for s in seqs) + steps - 1
         bias = self._attention_bias(torch.arange(span, device=self.device),
-                                    positions + torch.arange(max(steps, 2), device=self.device)[:, None])
+                                    positions + torch.arange(self.steps_per_sync, device=self.device)[:, None])
+        if self.compiled:
+            torch._dynamo.mark_static(bias, 0)
         new_tokens, new_logprobs = [], []
         for j in range(steps):
             with self._guards(checked=j == 0):
