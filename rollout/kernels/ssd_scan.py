@@ -652,8 +652,8 @@ def ssd_scan_ref(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Te
                                     layout.counts)
     # The outputs: from the state entering the chunk, plus the chunk's own tokens (the masked quadratic form,
     # exp(cum_t - cum_s) C_t.B_s for s <= t, the exponent clamped at 0 so rounding cannot overflow it). The
-    # mask zeroes C.B (per group), not the decay (per head) to exp(-inf): -inf takes a slow path through exp
-    # on CPU, four times the cost of the finite exponents.
+    # mask zeroes C.B (per group) rather than sending the decay (per head) to exp(-inf): on CPU, exp takes a
+    # slow path on -inf, several times the cost of a finite exponent.
     y = (C * cum.exp()[..., None]) @ entering.transpose(-1, -2)               # [K, G, R, q, P]
     rows = max(1, _DECAY_BUDGET // (nheads * chunk * chunk))
     for k in range(0, nchunks, rows):
