@@ -349,10 +349,10 @@ class RolloutEngine:
 
     def _schedule(self, seqs: list[_Sequence], steps: int,
                   params: SamplingParams) -> tuple[torch.Tensor | None, list[list[int]] | None]:
-        """The sequences' next ``steps`` sampling draws [len(seqs), steps] on the device (None when greedy)
+        """The sequences' next ``steps`` sampling draws [steps, len(seqs)] on the device (None when greedy)
         and, on the host, the tokens the engine writes itself at those steps [len(seqs)][steps] (-1 where
         the model chooses; None when no sequence has any)."""
-        draws = (torch.tensor([[s.draws.at(len(s.tokens) + j) for j in range(steps)] for s in seqs],
+        draws = (torch.tensor([[s.draws.at(len(s.tokens) + j) for s in seqs] for j in range(steps)],
                               dtype=torch.float64, device=self.device) if params.temperature > 0 else None)
         if not any(s.to_force for s in seqs):
             return draws, None
@@ -480,7 +480,7 @@ class RolloutEngine:
         """Prefill the admitted sequences and pick each one's first token; returns it as ``_decode`` returns
         a run of one step."""
         draws, _ = self._schedule(seqs, 1, params)
-        tokens, logprobs = pick(self._prefill(seqs), params, None if draws is None else draws[:, 0], None)
+        tokens, logprobs = pick(self._prefill(seqs), params, None if draws is None else draws[0], None)
         return tokens[:, None].tolist(), logprobs[:, None].tolist(), [[False]] * len(seqs)
 
     def _decode(self, seqs: list[_Sequence],
@@ -490,30 +490,39 @@ class RolloutEngine:
         engine forced them, each [len(seqs)][steps], read back to the host once."""
         steps = self._steps(seqs, params)
         draws, forced = self._schedule(seqs, steps, params)
-        forced_ids = None if forced is None else torch.tensor(forced, device=self.device)
+        forced_ids = None if forced is None else torch.tensor(forced, device=self.device).t().contiguous()
         tokens = torch.tensor([s.tokens[-1] for s in seqs], device=self.device)
         positions = self.cache.lengths[: len(seqs)]
         # Every step of the run reads the KV span its last step needs: step j's mask [batch, span] is then a
-        # slice of one tensor made for the whole run, not a tensor made before each step. That tensor has
-        # rows for ``steps_per_sync`` steps, however many the run takes, and that size is marked static: the
-        # compiled step guards on the size of its mask's base, where Dynamo would specialize a run of one
-        # step and tie a step count to an equal batch size, each a new compile.
+        # row of one tensor made for the whole run, not a tensor made before each step.
         span = max(len(s.prompt_ids) + len(s.tokens) for s in seqs) + steps - 1
         bias = self._attention_bias(torch.arange(span, device=self.device),
-                                    positions + torch.arange(self.steps_per_sync, device=self.device)[:, None])
-        if self.compiled:
-            torch._dynamo.mark_static(bias, 0)
+                                    positions + torch.arange(steps, device=self.device)[:, None])
+        bias, draws, forced_ids = (self._run_rows(t) for t in (bias, draws, forced_ids))
         new_tokens, new_logprobs = [], []
         for j in range(steps):
             with self._guards(checked=j == 0):
                 tokens, logprobs = self._step(tokens, positions, bias[j], params,
-                                              None if draws is None else draws[:, j],
-                                              None if forced_ids is None else forced_ids[:, j])
+                                              None if draws is None else draws[j],
+                                              None if forced_ids is None else forced_ids[j])
             positions += 1
             new_tokens.append(tokens)
             new_logprobs.append(logprobs)
         was_forced = [[False] * steps] * len(seqs) if forced is None else [[t >= 0 for t in row] for row in forced]
         return torch.stack(new_tokens, 1).tolist(), torch.stack(new_logprobs, 1).tolist(), was_forced
+
+    def _run_rows(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """A run's per-step inputs [steps, ...] padded to ``steps_per_sync`` rows, so that each step's row is
+        a view of a tensor of one size whatever the run's length, that size marked static for the compiled
+        step: Dynamo guards on a view's base, and would compile the step again for a run of one step, or
+        for a run whose step count it had tied to an equal batch size."""
+        if t is None:
+            return None
+        if len(t) < self.steps_per_sync:
+            t = F.pad(t, (0, 0) * (t.dim() - 1) + (0, self.steps_per_sync - len(t)))
+        if self.compiled:
+            torch._dynamo.mark_static(t, 0)
+        return t
 
     def _guards(self, checked: bool) -> Any:
         """Where the compiled step checks its guards: on the first step of a run of decode steps only. The

@@ -255,19 +255,22 @@ def test_compiled_decode_step_equals_generate_and_follows_load_weights(tokenizer
         engine.load_weights(policy)
 
 
-def test_compiled_step_compiles_once_for_one_row_and_once_for_more(tokenizer, prompts):
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_compiled_step_compiles_once_for_one_row_and_once_for_more(tokenizer, prompts, temperature):
     """After a batch of three and a batch of one, runs of other batch sizes, step counts and KV spans reuse
-    those two graphs. A size that Dynamo's duck sizing ties to another would compile again: the first run's
-    3 steps and batch of 3 against the conv state's width - 1, also 3, if the conv buffer behind its view
-    were left dynamic; its 3 steps against its batch of 3, and a later run of one step, if the step count
-    reached the guards through the attention masks."""
+    those two graphs, greedy or sampled. A size that Dynamo's duck sizing ties to another would compile
+    again: the first run's 3 steps and batch of 3 against the conv state's width - 1, also 3, if the conv
+    buffer behind its view were left dynamic; its 3 steps against its batch of 3, and a later run of one
+    step, if the step count reached the guards through the views each step takes of its run's attention
+    masks or sampling draws."""
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
     engine = RolloutEngine(build_model("tiny", tokenizer, seed=0).eval(), tokenizer, max_batch=4, max_length=128,
                            compile=True)
     for n, new_tokens in ((3, 4), (1, 4), (2, 20), (2, 10), (4, 12)):   # runs of 3 steps, of 8, of 1
-        engine.generate(prompts[:n], SamplingParams(max_new_tokens=new_tokens, temperature=0, stop_token_ids=()))
+        params = SamplingParams(max_new_tokens=new_tokens, temperature=temperature, stop_token_ids=())
+        engine.generate(prompts[:n], params)
         if n == 1:
             warm = counters["stats"]["unique_graphs"]
     assert warm == 2 and counters["stats"]["unique_graphs"] == warm
