@@ -512,16 +512,15 @@ class RolloutEngine:
         return torch.stack(new_tokens, 1).tolist(), torch.stack(new_logprobs, 1).tolist(), was_forced
 
     def _run_rows(self, t: torch.Tensor | None) -> torch.Tensor | None:
-        """A run's per-step inputs [steps, ...] padded to ``steps_per_sync`` rows, so that each step's row is
-        a view of a tensor of one size whatever the run's length, that size marked static for the compiled
-        step: Dynamo guards on a view's base, and would compile the step again for a run of one step, or
-        for a run whose step count it had tied to an equal batch size."""
-        if t is None:
-            return None
+        """For the compiled step, a run's per-step inputs [steps, ...] padded to ``steps_per_sync`` rows, so
+        that each step's row is a view of a tensor of one size whatever the run's length, that size marked
+        static: Dynamo guards on a view's base, and would compile the step again for a run of one step, or
+        for a run whose step count it had tied to an equal batch size. Uncompiled, they are left as they are."""
+        if t is None or not self.compiled:
+            return t
         if len(t) < self.steps_per_sync:
             t = F.pad(t, (0, 0) * (t.dim() - 1) + (0, self.steps_per_sync - len(t)))
-        if self.compiled:
-            torch._dynamo.mark_static(t, 0)
+        torch._dynamo.mark_static(t, 0)
         return t
 
     def _guards(self, checked: bool) -> Any:
