@@ -12,12 +12,13 @@ a decode step reads and writes every buffer through a view of its first n rows, 
 
 The engine holds its own copy of the weights, refreshed in memory from the trainer by ``load_weights``.
 The Mamba math comes from ``rollout.kernels``: Triton on GPU, the PyTorch reference on CPU. On a GPU
-the decode step's stretches of Mamba and MLP layers replay as CUDA graphs (``rollout.graphs``).
+the decode step's stretches of Mamba and MLP layers replay as CUDA graphs (``rollout.graphs``); with
+``compile=True`` the later steps of each run of decode steps call the first step's compiled graph directly,
+without Dynamo (``rollout.replay``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
 from collections import deque
@@ -31,6 +32,7 @@ from tqdm import tqdm
 from rollout import kernels
 from rollout.graphs import PiecewiseDecode
 from rollout.kernels.ssd_scan import _owners
+from rollout.replay import Replay
 from rollout.sampling import Draws, SamplingParams, pick
 
 MAMBA, ATTENTION = "linear_attention", "full_attention"
@@ -254,8 +256,8 @@ class RolloutEngine:
                        if cuda_graphs else None)
         # On CPU the C++ wrapper calls the compiled step's kernels from C++ instead of from Python: about 9%
         # less time per decode step of the tiny model at batches 1, 16 and 64, for a longer first compile.
-        options = {"cpp_wrapper": self.device.type == "cpu"}
-        self._step = (torch.compile(self._decode_and_pick, dynamic=True, options=options) if compile
+        self.replay = Replay({"cpp_wrapper": self.device.type == "cpu"}) if compile else None
+        self._step = (torch.compile(self._decode_and_pick, dynamic=True, backend=self.replay) if compile
                       else self._decode_and_pick)
 
     def _weight_terms(self) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
@@ -500,11 +502,14 @@ class RolloutEngine:
                                     positions + torch.arange(steps, device=self.device)[:, None])
         bias, draws, forced_ids = (self._run_rows(t) for t in (bias, draws, forced_ids))
         new_tokens, new_logprobs = [], []
+        again = None    # compiled: the run's first step's graph, called directly by the later steps (rollout.replay)
         for j in range(steps):
-            with self._guards(checked=j == 0):
-                tokens, logprobs = self._step(tokens, positions, bias[j], params,
-                                              None if draws is None else draws[j],
-                                              None if forced_ids is None else forced_ids[j])
+            inputs = (tokens, bias[j], *(None if t is None else t[j] for t in (draws, forced_ids)))
+            if again is None:
+                tokens, logprobs = out = self._step(inputs[0], positions, inputs[1], params, *inputs[2:])
+                again = self.replay.again(inputs, out) if self.replay else None
+            else:
+                tokens, logprobs = again(*inputs)
             positions += 1
             new_tokens.append(tokens)
             new_logprobs.append(logprobs)
@@ -522,16 +527,6 @@ class RolloutEngine:
             t = F.pad(t, (0, 0) * (t.dim() - 1) + (0, self.steps_per_sync - len(t)))
         torch._dynamo.mark_static(t, 0)
         return t
-
-    def _guards(self, checked: bool) -> Any:
-        """Where the compiled step checks its guards: on the first step of a run of decode steps only. The
-        later steps of the run take inputs of the same kinds (the tokens the step before returned, the same
-        shapes, the same settings), so the graph the first step's guards chose is theirs too. Checking the
-        guards of a step of the tiny model takes about 5% of it on CPU (30 us of 0.29 ms at a batch of 1,
-        120 us of 2.3 ms at 64, timed call by call)."""
-        if not self.compiled or checked:
-            return contextlib.nullcontext()
-        return torch.compiler.set_stance(skip_guard_eval_unsafe=True)
 
     def _decode_and_pick(self, tokens: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor,
                          params: SamplingParams, draws: torch.Tensor | None,

@@ -195,13 +195,20 @@ def test_runs_of_decode_steps_change_no_token(tiny_model, tokenizer, prompts):
 
 
 def test_compiled_runs_of_steps_equal_eager_ones(tiny_model, tokenizer, prompts):
-    """The compiled step checks its guards on the first step of each run only: through sampled draws, forced
-    ``</think>`` tokens, stops and a shrinking batch, its runs write what the eager step writes."""
+    """The compiled step goes through Dynamo on the first step of each run only, and the later steps replay
+    its graph (``rollout.replay``): through sampled draws, forced ``</think>`` tokens, stops and a shrinking
+    batch, its runs write what the eager step writes."""
     think = tokenizer.encode("<|im_start|>assistant\n<think>", add_special_tokens=False)
     batch = [think, *prompts, think]
     params = SamplingParams(max_new_tokens=24, temperature=1.0, seed=2, thinking_budget=9)
-    eager, compiled = (RolloutEngine(tiny_model, tokenizer, max_batch=3, max_length=128, steps_per_sync=7,
-                                     compile=compile).generate(batch, params) for compile in (False, True))
+    eager, engine = (RolloutEngine(tiny_model, tokenizer, max_batch=3, max_length=128, steps_per_sync=7,
+                                   compile=compile) for compile in (False, True))
+    calls = []
+    step, decode = engine._step, engine._decode
+    engine._step = lambda *args: calls.append("step") or step(*args)
+    engine._decode = lambda *args: calls.append("run") or decode(*args)
+    eager, compiled = eager.generate(batch, params), engine.generate(batch, params)
+    assert calls.count("run") >= 4 and calls.count("step") == calls.count("run")
     assert any(any(o.forced) for o in compiled)
     for a, b in zip(eager, compiled):
         assert (a.token_ids, a.forced, a.finish_reason) == (b.token_ids, b.forced, b.finish_reason)
