@@ -19,19 +19,19 @@ from torch._inductor.compile_fx import compile_fx
 
 
 class Replay:
-    """A ``torch.compile`` backend: Inductor (with ``options`` as its config), remembering the last graph
-    that ran and the arguments Dynamo passed it."""
+    """A ``torch.compile`` backend: Inductor (with ``options`` as its config), remembering each graph that
+    ran since the last ``again``, with the arguments Dynamo passed it and its results."""
 
     def __init__(self, options: dict[str, Any]):
         self.options = options
-        self._last: tuple[Callable[..., Any], tuple[Any, ...], Sequence[Any]] | None = None
+        self._calls: list[tuple[Callable[..., Any], tuple[Any, ...], Sequence[Any]]] = []
 
     def __call__(self, graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         compiled = compile_fx(graph, example_inputs, config_patches=self.options)
 
         def run(*args: Any) -> Any:
             outputs = compiled(*args)
-            self._last = compiled, args, outputs
+            self._calls.append((compiled, args, outputs))
             return outputs
 
         return run
@@ -40,13 +40,14 @@ class Replay:
               outputs: Sequence[torch.Tensor]) -> Callable[..., tuple[torch.Tensor, ...]] | None:
         """After a call through ``torch.compile`` that took ``inputs`` (the tensors that change from call
         to call; None for an absent one) and returned ``outputs``: a function of new such inputs, in the
-        same places, that runs the same graph on them and returns its new outputs. None where the call ran
-        no graph of this backend, or its inputs or outputs are not the graph's own arguments and results
-        one for one (the caller then goes through ``torch.compile`` again)."""
-        if self._last is None:
+        same places, that runs the same graph on them and returns its new outputs. None unless the call ran
+        exactly one graph of this backend (a graph break splits a call into several, and replaying the
+        last alone would skip the others) whose arguments and results hold those inputs and outputs one
+        for one; the caller then goes through ``torch.compile`` again."""
+        calls, self._calls = self._calls, []
+        if len(calls) != 1:
             return None
-        compiled, args, results = self._last
-        self._last = None
+        (compiled, args, results), = calls
         where = [[i for i, a in enumerate(args) if a is t] for t in inputs if t is not None]
         picks = [[k for k, r in enumerate(results) if r is t] for t in outputs]
         if any(len(found) != 1 for found in where + picks):

@@ -35,3 +35,16 @@ def test_replay_declines_inputs_and_outputs_that_are_not_the_graphs_own():
     assert replay.again((x,), (doubled, total)) is None                  # each call is replayed once at most
     doubled, total = compiled(x, unused)
     assert replay.again((x, None), (doubled, total)) is not None         # an absent input is skipped
+
+
+def test_replay_declines_a_call_split_by_a_graph_break():
+    replay = Replay({})
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        y = x * 2
+        torch._dynamo.graph_break()
+        return y + x         # the second graph takes x too: replaying it alone would skip the first
+
+    compiled = torch.compile(step, backend=replay, dynamic=True)
+    x = torch.randn(5)
+    assert replay.again((x,), (compiled(x),)) is None
