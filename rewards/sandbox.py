@@ -31,8 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HARNESS = Path(__file__).with_name("sandbox_harness.py")
-_SANDBOX_HARNESS = "/sandbox/harness.py"
+CHILD = HARNESS.with_name("sandbox_child.py")  # run by the harness, from the same directory
+_SANDBOX_DIR = "/sandbox"
 _SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64")
+# Isolated, no bytecode written, and no site module: the harness needs the standard library only, and
+# the base interpreter's .pth files, which site runs at start-up, may import packages (tens of ms).
+_FLAGS = ("-I", "-B", "-S")
 
 
 @dataclass(frozen=True)
@@ -73,12 +77,13 @@ def bwrap_command(bwrap: str, limits: SandboxLimits) -> list[str]:
             command += ["--ro-bind", directory, directory]
             bound.append(directory)
     command += [
-        "--ro-bind", str(HARNESS), _SANDBOX_HARNESS,
+        "--ro-bind", str(HARNESS), f"{_SANDBOX_DIR}/{HARNESS.name}",
+        "--ro-bind", str(CHILD), f"{_SANDBOX_DIR}/{CHILD.name}",
         "--proc", "/proc", "--dev", "/dev",
         "--size", str(limits.tmp_bytes), "--tmpfs", "/tmp",
         "--remount-ro", "/",
         "--chdir", "/tmp",
-        "--", python, "-I", "-B", _SANDBOX_HARNESS,
+        "--", python, *_FLAGS, f"{_SANDBOX_DIR}/{HARNESS.name}",
     ]
     return command
 
@@ -89,7 +94,7 @@ def sandbox_problem(bwrap: str = "bwrap") -> str | None:
 
     Probed once per bwrap path by running the harness's interpreter in the real sandbox.
     """
-    probe = bwrap_command(bwrap, SandboxLimits())[:-2] + ["-c", "pass"]
+    probe = bwrap_command(bwrap, SandboxLimits())[:-1] + ["-c", "pass"]
     try:
         result = subprocess.run(probe, capture_output=True, timeout=30, env={})
     except FileNotFoundError:
@@ -144,7 +149,7 @@ def run_tests(solution: str, tests: list[str], limits: SandboxLimits, *, bwrap: 
         output = _run_capped(bwrap_command(bwrap, limits), payload, limits, cwd=None)
     else:
         with tempfile.TemporaryDirectory(prefix="reward-run-") as workdir:
-            output = _run_capped([python_executable(), "-I", "-B", str(HARNESS)], payload, limits, workdir)
+            output = _run_capped([python_executable(), *_FLAGS, str(HARNESS)], payload, limits, workdir)
     if output is None:
         return None
     for line in output.decode("utf-8", "replace").splitlines():

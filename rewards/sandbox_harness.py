@@ -1,17 +1,16 @@
 """Test harness run inside the sandbox: it, not the submitted program, decides which tests pass.
 
-The file is standalone (standard library only) because the sandbox holds the interpreter and this
-file, not the project. It runs in two roles:
-
-* harness (no argument): reads the job as JSON on stdin (nonce, solution, tests, limits), lowers its
-  own resource limits, makes itself non-dumpable so that no other process in the sandbox can read
-  its memory or file descriptors, and prints ``<nonce> <json list of bools>`` as its last act. The
-  nonce comes from the caller and never reaches the solution's process, so nothing the solution
-  prints can pass for the verdict. In the sandbox it is the pid namespace's init, so the solution
-  cannot kill or stop it either, and it can see and kill every process the solution starts: it
-  stops a test whose processes exceed the task or memory budget, and clears the sandbox after each.
-* child (argument ``child``): a fresh interpreter per test that executes the solution and evaluates
-  the test's solution-dependent expressions, writing each value as tagged plain data.
+The file is standalone (standard library only) because the sandbox holds the interpreter and the two
+files of the harness, not the project. It reads the job as JSON on stdin (nonce, solution, tests,
+limits), lowers its own resource limits, makes itself non-dumpable so that no other process in the
+sandbox can read its memory or file descriptors, and prints ``<nonce> <json list of bools>`` as its
+last act. The nonce comes from the caller and never reaches the solution's process, so nothing the
+solution prints can pass for the verdict. In the sandbox it is the pid namespace's init, so the
+solution cannot kill or stop it either, and it can see and kill every process the solution starts: it
+stops a test whose processes exceed the task or memory budget, and clears the sandbox after each.
+Each test runs in a fresh interpreter, ``sandbox_child.py`` beside this file, which executes the
+solution and evaluates the test's solution-dependent expressions, writing each value as tagged plain
+data (read back here by ``decode``).
 
 Each ``assert`` is taken apart with ``ast``: its comparisons, operators, displays and calls of
 builtins or standard-library functions run here, and only the smallest pieces that need the
@@ -38,20 +37,23 @@ import operator
 import os
 import resource
 import signal
+import site
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import IO, Any
 
 _PR_SET_DUMPABLE = 4
 _PR_SET_PDEATHSIG = 1
 _LIBC = ctypes.CDLL(None, use_errno=True)
-_MAX_DEPTH = 64
-_MAX_ITEMS = 100_000
 _WATCH_SECONDS = 0.01
+_CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
+# The base interpreter's site-packages, which a child adds to its path itself: it starts without the site
+# module, whose .pth files may import packages at every start of an interpreter.
+_SITE_DIRS = [d for d in site.getsitepackages() if os.path.isdir(d)]
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
 _COMPARE: dict[type[ast.cmpop], Callable[[Any, Any], Any]] = {
@@ -71,75 +73,8 @@ _DISPLAY: dict[type[ast.expr], type] = {ast.List: list, ast.Tuple: tuple, ast.Se
 _NOT_DATA = (ast.Name, ast.Attribute, ast.Lambda, ast.GeneratorExp)
 
 
-# ---------------------------------------------------------------- child: run the solution, report values
-
-def encode(value: Any, depth: int = 0, budget: list[int] | None = None) -> list[Any]:
-    """Tag plain data for JSON; exact types only, so subclasses with rigged methods do not pass."""
-    budget = budget if budget is not None else [_MAX_ITEMS]
-    budget[0] -= 1
-    if depth > _MAX_DEPTH or budget[0] < 0:
-        raise ValueError("value too large or too deep")
-    kind = type(value)
-    if value is None:
-        return ["none"]
-    if kind is bool:
-        return ["bool", value]
-    if kind is int:
-        return ["int", str(value)]
-    if kind is float:
-        return ["float", repr(value)]
-    if kind is complex:
-        return ["complex", repr(value.real), repr(value.imag)]
-    if kind is str:
-        return ["str", value]
-    if kind is bytes:
-        return ["bytes", value.hex()]
-    if kind in (list, tuple, set, frozenset):
-        return [kind.__name__, [encode(item, depth + 1, budget) for item in value]]
-    if kind is dict:
-        return ["dict", [[encode(k, depth + 1, budget), encode(v, depth + 1, budget)]
-                         for k, v in value.items()]]
-    if isinstance(value, Iterator):  # a generator or map object: its items, as a fresh iterator
-        return ["iterator", [encode(item, depth + 1, budget) for item in value]]
-    raise TypeError(f"{kind.__name__} is not plain data")
-
-
-def child() -> None:
-    """Execute the solution, then evaluate each expression, one JSON line per value on fd 1.
-
-    The result stream is moved off fd 1/2 first so that the solution's own prints go to /dev/null,
-    and the solution runs as module ``solution``, so its ``if __name__ == "__main__":`` demo code
-    (which may read stdin) stays out of the way.
-    """
-    job = json.loads(sys.stdin.buffer.read())
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
-    out = os.fdopen(os.dup(1), "w")
-    os.dup2(devnull, 1)
-    os.dup2(devnull, 2)
-
-    def emit(*record: Any) -> None:
-        out.write(json.dumps(record) + "\n")
-        out.flush()
-
-    namespace: dict[str, Any] = {"__name__": "solution", "__builtins__": builtins}
-    try:
-        exec(compile(job["solution"], "<solution>", "exec"), namespace)
-    except BaseException as error:  # noqa: BLE001 - SystemExit at import is a failure too
-        emit("load_error", type(error).__name__)
-        return
-    emit("loaded")
-    for source in job["exprs"]:
-        try:
-            emit("ok", encode(eval(compile(source, "<test>", "eval"), namespace)))
-        except BaseException as error:  # noqa: BLE001 - any failure fails the test
-            emit("error", type(error).__name__)
-
-
-# ---------------------------------------------------------------- harness: plan, run, compare
-
 def decode(node: Any) -> Any:
-    """Inverse of ``encode`` for trusted use; malformed input raises and fails the test."""
+    """Inverse of ``sandbox_child.encode``, for trusted use; malformed input raises and fails the test."""
     tag, *rest = node
     if tag == "none":
         return None
@@ -327,12 +262,12 @@ def run_child(solution: str, exprs: list[str], timeout: float, cpu_seconds: int,
         resource.setrlimit(resource.RLIMIT_CPU, (min(cpu_seconds, hard), hard))
         _LIBC.prctl(_PR_SET_PDEATHSIG, 9, 0, 0, 0)
 
+    job = {"solution": solution, "exprs": exprs, "site_dirs": _SITE_DIRS}
     with open(os.devnull, "wb") as sink, tempfile.TemporaryFile() as result:
         process = subprocess.Popen(
-            [sys.executable, "-I", "-B", os.path.abspath(__file__), "child"], stdin=subprocess.PIPE,
+            [sys.executable, "-I", "-B", "-S", _CHILD], stdin=subprocess.PIPE,
             stdout=result, stderr=sink, env={}, start_new_session=True, preexec_fn=prepare_child)
-        feeder = threading.Thread(target=_feed, args=(process.stdin, json.dumps(
-            {"solution": solution, "exprs": exprs}).encode()), daemon=True)
+        feeder = threading.Thread(target=_feed, args=(process.stdin, json.dumps(job).encode()), daemon=True)
         feeder.start()
         try:
             _wait(process, timeout, watch)
@@ -485,4 +420,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    child() if sys.argv[1:] == ["child"] else main()
+    main()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import os
 import socket
+import subprocess
 import textwrap
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 import rewards.code
 from rewards.code import CodeRewardConfig, code_reward, extract_code
-from rewards.sandbox import SandboxLimits, sandbox_problem
+from rewards.sandbox import SandboxLimits, python_executable, run_tests, sandbox_problem
 from rewards.sandbox_harness import Planner, bound_names
 
 needs_sandbox = pytest.mark.skipif(sandbox_problem() is not None, reason=f"no sandbox: {sandbox_problem()}")
@@ -465,3 +466,15 @@ def test_the_same_program_under_the_same_tests_runs_once(monkeypatch: pytest.Mon
     assert scores == [1.0, 2 / 3, 1.0, 1.0, 2 / 3]
     # the fourth row's tests differ, so it runs apart
     assert sorted(code.strip() for code in runs) == sorted([right, wrong, right])
+
+
+@pytest.mark.parametrize("sandboxed", [pytest.param(True, marks=needs_sandbox), False])
+def test_solutions_import_what_the_base_interpreter_has_installed(sandboxed: bool) -> None:
+    """Each test's interpreter starts without the site module (the base interpreter's .pth files may
+    import packages at every start) and puts the base interpreter's site-packages on its path itself,
+    so a solution imports an installed package (pip) as it would under site."""
+    base = subprocess.run([python_executable(), "-I", "-c", "import pip"], capture_output=True, env={})
+    if base.returncode != 0:
+        pytest.skip("the base interpreter has no pip to import")
+    code = "import pip\ndef installed(): return pip.__name__"
+    assert run_tests(code, ["assert installed() == 'pip'"], FAST.limits, sandboxed=sandboxed) == [True]
