@@ -2,7 +2,7 @@
 
 Started by the harness (``rewards/sandbox_harness.py``) as a fresh interpreter for each test, with
 ``-I -B -S``: no site module, so no ``.pth`` file of the base interpreter runs (some import packages at
-startup, tens of milliseconds per interpreter), and only the four standard modules below, so that
+startup, tens of milliseconds per interpreter), and only the few standard modules below, so that
 the interpreter is up in a fraction of the harness's start-up time. The job on stdin names the base
 interpreter's site-packages directories, which are added to ``sys.path`` before the solution runs,
 so it imports what the base interpreter has installed as it would with ``site``. Values go back to the
