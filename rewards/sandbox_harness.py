@@ -32,6 +32,7 @@ import builtins
 import ctypes
 import importlib
 import json
+import marshal
 import math
 import operator
 import os
@@ -267,7 +268,7 @@ def run_child(solution: str, exprs: list[str], timeout: float, cpu_seconds: int,
         process = subprocess.Popen(
             [sys.executable, "-I", "-B", "-S", _CHILD], stdin=subprocess.PIPE,
             stdout=result, stderr=sink, env={}, start_new_session=True, preexec_fn=prepare_child)
-        feeder = threading.Thread(target=_feed, args=(process.stdin, json.dumps(job).encode()), daemon=True)
+        feeder = threading.Thread(target=_feed, args=(process.stdin, marshal.dumps(job)), daemon=True)
         feeder.start()
         try:
             _wait(process, timeout, watch)
@@ -281,8 +282,8 @@ def run_child(solution: str, exprs: list[str], timeout: float, cpu_seconds: int,
     records = []
     for line in lines:
         try:
-            records.append(json.loads(line))
-        except (ValueError, RecursionError):
+            records.append(ast.literal_eval(line))
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
             records.append(["error", "bad record"])
     if not records or records[0] != ["loaded"]:
         return None

@@ -201,6 +201,16 @@ def test_infinite_loops_fail_within_the_deadline() -> None:
         def add(a, b):
             return None
     """),
+    textwrap.dedent("""
+        import os
+        def add(a, b):  # records that are code, not literals, into the child's record stream
+            for fd in range(3, 64):
+                try:
+                    os.write(fd, b"__import__('os').kill(1, 9)\\n['ok', ['int', str(a + b)]]\\n")
+                except OSError:
+                    pass
+            return None
+    """),
 ])
 def test_reward_hacks_score_zero(code: str) -> None:
     assert score(code, HACK_TESTS) == 0.0
