@@ -506,7 +506,7 @@ class RolloutEngine:
         for j in range(steps):
             inputs = (tokens, bias[j], *(None if t is None else t[j] for t in (draws, forced_ids)))
             if again is None:
-                tokens, logprobs = out = self._step(inputs[0], positions, inputs[1], params, *inputs[2:])
+                tokens, logprobs = out = self._step(*inputs, positions, params)
                 again = self.replay.again(inputs, out) if self.replay else None
             else:
                 tokens, logprobs = again(*inputs)
@@ -528,10 +528,11 @@ class RolloutEngine:
         torch._dynamo.mark_static(t, 0)
         return t
 
-    def _decode_and_pick(self, tokens: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor,
-                         params: SamplingParams, draws: torch.Tensor | None,
-                         forced: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decode step (replayed as CUDA graphs where recorded) and the choice of the next tokens."""
+    def _decode_and_pick(self, tokens: torch.Tensor, bias: torch.Tensor, draws: torch.Tensor | None,
+                         forced: torch.Tensor | None, positions: torch.Tensor,
+                         params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step (replayed as CUDA graphs where recorded) and the choice of the next tokens. The
+        first four arguments are new tensors at every step of a run; ``positions`` is updated in place."""
         step = self._decode_step if self.graphs is None else self.graphs
         return pick(step(tokens, positions, bias), params, draws, forced)
 
