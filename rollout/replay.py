@@ -40,7 +40,9 @@ class Replay:
               outputs: Sequence[torch.Tensor]) -> Callable[..., tuple[torch.Tensor, ...]] | None:
         """After a call through ``torch.compile`` that took ``inputs`` (the tensors that change from call
         to call; None for an absent one) and returned ``outputs``: a function of new such inputs, in the
-        same places, that runs the same graph on them and returns its new outputs. None unless the call ran
+        same places and of the same shapes, dtypes and strides (the sizes Dynamo passed the graph are
+        reused, and no guard is checked), that runs the same graph on them and returns its new outputs.
+        None unless the call ran
         exactly one graph of this backend (a graph break splits a call into several, and replaying the
         last alone would skip the others) whose arguments and results hold those inputs and outputs one
         for one; the caller then goes through ``torch.compile`` again."""
