@@ -248,7 +248,6 @@ class RolloutEngine:
         self.seconds = {"prefill": 0.0, "decode": 0.0}
         self.think_end = tokenizer.encode("</think>", add_special_tokens=False)
         self.decay, self.taps = self._weight_terms()
-        self.compiled = compile
         if compile:
             self._mark_static([*self.decay.values(), *self.taps.values()])
         cuda_graphs = cuda_graphs and self.device.type == "cuda" and not compile
@@ -278,6 +277,10 @@ class RolloutEngine:
             for t in (tensor, tensor._base):
                 if t is not None:
                     torch._dynamo.mark_static(t)
+
+    @property
+    def compiled(self) -> bool:
+        return self.replay is not None
 
     @property
     def device(self) -> torch.device:
@@ -507,7 +510,7 @@ class RolloutEngine:
             inputs = (tokens, bias[j], *(None if t is None else t[j] for t in (draws, forced_ids)))
             if again is None:
                 tokens, logprobs = out = self._step(*inputs, positions, params)
-                again = self.replay.again(inputs, out) if self.replay else None
+                again = self.replay.again(inputs, out) if self.compiled else None
             else:
                 tokens, logprobs = again(*inputs)
             positions += 1
