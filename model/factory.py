@@ -6,10 +6,13 @@ embedded default and for sizing) or loads a pretrained path or hub name.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, NemotronHConfig, NemotronHForCausalLM
+from transformers.integrations import deepspeed as hf_deepspeed
 
 from data_blends.chat import CHAT_TEMPLATE
 from model.configs import LAYOUTS, layout
@@ -36,9 +39,31 @@ def build_model(name: str, tokenizer=None, seed: int = 0, dtype: torch.dtype = t
         return NemotronHForCausalLM(build_config(name, tokenizer, **overrides)).to(dtype)
 
 
-def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32):
-    """Load pretrained weights from a local directory or a hub name."""
-    return AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype)
+def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, *, whole: bool = False):
+    """Load pretrained weights from a local directory or a hub name.
+
+    ``whole``: all of the weights on this process even under DeepSpeed ZeRO-3, whose init otherwise splits
+    a model loaded after the trainer's setup across the processes, a collective: for a model that one
+    process uses alone (the evaluation on the main process would wait forever for the others) or that
+    only generates.
+    """
+    with _zero3_init_off() if whole else contextlib.nullcontext():
+        return AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype)
+
+
+@contextlib.contextmanager
+def _zero3_init_off() -> Iterator[None]:
+    """transformers wraps ``from_pretrained`` in DeepSpeed's ZeRO-3 init whenever a ZeRO-3 config is
+    registered with it (a weak reference the trainer's setup leaves behind): unregistered here for the
+    load, registered again after."""
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref
+    config = registered() if registered is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if config is not None:
+            hf_deepspeed.set_hf_deepspeed_config(config)
 
 
 def load_tokenizer(name_or_path: str | Path):

@@ -34,6 +34,7 @@ from rollout.graphs import PiecewiseDecode
 from rollout.kernels.ssd_scan import _owners
 from rollout.replay import Replay
 from rollout.sampling import Draws, SamplingParams, pick
+from rollout.weights import copy_parameters, full_parameters, is_sharded, unsharded_copy
 
 MAMBA, ATTENTION = "linear_attention", "full_attention"
 
@@ -234,7 +235,9 @@ class RolloutEngine:
         ``cuda_graphs``: on a CUDA device and unless ``compile``, replay the decode step's Mamba and MLP
         stretches as CUDA graphs (``rollout.graphs``), recorded when the cache is allocated."""
         model = unwrap(model)
-        self.model = copy.deepcopy(model).to(device=device or next(model.parameters()).device, dtype=dtype)
+        device = device or next(model.parameters()).device
+        self.model = (unsharded_copy(model, device, dtype or next(model.parameters()).dtype) if is_sharded(model)
+                      else copy.deepcopy(model).to(device=device, dtype=dtype))
         self.model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.max_batch, self.max_length, self.max_prefill_tokens = max_batch, max_length, max_prefill_tokens
@@ -288,13 +291,12 @@ class RolloutEngine:
 
     @torch.no_grad()
     def load_weights(self, source: Any) -> None:
-        """Copy the trainer's current weights (a model or a state dict) into the engine, in memory."""
-        state = source if isinstance(source, dict) else unwrap(source).state_dict()
-        own = self.model.state_dict()
-        if missing := sorted(set(own) - set(state)):
-            raise KeyError(f"load_weights: the source has no {missing[:3]} (and {max(len(missing) - 3, 0)} more)")
-        for name, tensor in own.items():
-            tensor.copy_(state[name])
+        """Copy the trainer's current weights (a model, sharded or not, or a state dict) into the engine, in
+        memory. From a ZeRO-3 or FSDP2 model it is a collective: every process calls it at the same point."""
+        try:
+            copy_parameters(self.model, source.items() if isinstance(source, dict) else full_parameters(unwrap(source)))
+        except KeyError as error:
+            raise KeyError(f"load_weights: {error.args[0]}") from None
         for terms, values in zip((self.decay, self.taps), self._weight_terms()):
             for i, value in values.items():     # in place: a compiled step keeps reading these tensors
                 terms[i].copy_(value)

@@ -27,6 +27,7 @@ from accelerate import PartialState
 from datasets import Dataset
 from transformers import Cache, DynamicCache
 from transformers.cache_utils import DynamicLayer, LinearAttentionCacheLayerMixin
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl import GRPOConfig, GRPOTrainer
 
 from data_blends.blend import build_examples
@@ -63,9 +64,10 @@ class EngineRollout:
         self.trainer = trainer
 
     def sync_weights(self) -> None:
-        """Copy the policy's current weights into the engine (in memory; under ZeRO-3/FSDP, gathered)."""
+        """Copy the policy's current weights into the engine, in memory. Under ZeRO-3 or FSDP2 every process
+        gathers them parameter by parameter (``rollout.weights``): TRL calls this on every process."""
         if self.engine is not None:
-            self.engine.load_weights(self.trainer.accelerator.get_state_dict(self.trainer.model))
+            self.engine.load_weights(self.trainer.accelerator.unwrap_model(self.trainer.model))
 
     def _engine(self, trainer: GRPOTrainer) -> RolloutEngine:
         if self.engine is None:
@@ -297,12 +299,15 @@ class GRPOStageTrainer(GRPOTrainer):
         GRPO's copies of each prompt it runs about half the tokens when prompts are as long as replies.
 
         None where it does not apply: no repeated prompt, a one-token prompt, a model input beyond text,
-        or activation checkpointing with gradients (transformers drops the cache of a checkpointed layer).
+        activation checkpointing with gradients (transformers drops the cache of a checkpointed layer), or
+        DeepSpeed ZeRO-3, whose fetching of partitioned weights does not survive the prompts' pass (it runs
+        the LM head module; the fused-head passes after it read the head's weight directly): with DeepSpeed
+        0.19 the step stops on a weight still in flight or still partitioned.
         """
         tail = input_ids.shape[1] - logits_to_keep - 1       # the prompts' last column starts the continuation
         unwrapped = self.accelerator.unwrap_model(model)
         if (not self.spec.share_prompts or tail < 1 or compute_aux_loss or any(v is not None for v in media.values())
-                or (torch.is_grad_enabled() and unwrapped.is_activation_checkpointing)
+                or (torch.is_grad_enabled() and unwrapped.is_activation_checkpointing) or is_deepspeed_zero3_enabled()
                 or not attention_mask[:, tail].all()):
             return None
         leaders, owner = distinct_prompts(input_ids[:, :tail + 1], attention_mask[:, :tail + 1])

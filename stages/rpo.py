@@ -59,7 +59,7 @@ def on_policy_pairs(ctx: StageContext, start: Path, round_index: int) -> list[tu
     if not examples:
         return []
     tokenizer = load_tokenizer(start)
-    engine = RolloutEngine(load_model(start, dtype=DTYPES[ctx.config.model.dtype]), tokenizer,
+    engine = RolloutEngine(load_model(start, dtype=DTYPES[ctx.config.model.dtype], whole=True), tokenizer,
                            max_batch=spec.engine_max_batch,
                            max_length=ctx.stage.trainer.max_length + spec.max_new_tokens,
                            cuda_graphs=ctx.config.rollout.cuda_graphs)

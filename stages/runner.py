@@ -301,8 +301,8 @@ def run_stage(config: PipelineConfig, stage_name: str, module: StageModule) -> d
     if state.is_main_process:
         # Evaluate the saved checkpoint, not the trainer's model: under FSDP or ZeRO-3 the latter is
         # sharded across processes and cannot generate on the main process alone.
-        report = evaluate(load_model(ctx.final, dtype=DTYPES[config.model.dtype]), tokenizer, ctx.stage.eval,
-                          config.rollout.cuda_graphs)
+        model = load_model(ctx.final, dtype=DTYPES[config.model.dtype], whole=True)
+        report = evaluate(model, tokenizer, ctx.stage.eval, config.rollout.cuda_graphs)
         report["before"] = evaluation_before(ctx, start)
         (ctx.dir / "eval.json").write_text(json.dumps(report, indent=2))
         print_table(report, title=f"{stage_name}: held-out evaluation")
@@ -325,7 +325,7 @@ def evaluation_before(ctx: StageContext, start: Path) -> dict[str, Any]:
     written = start.parent / "eval.json"
     if previous is not None and previous.eval == ctx.stage.eval and written.exists():
         return {"stage": label, "summary": json.loads(written.read_text())["summary"]}
-    model = load_model(start, dtype=DTYPES[ctx.config.model.dtype])
+    model = load_model(start, dtype=DTYPES[ctx.config.model.dtype], whole=True)
     report = evaluate(model, load_tokenizer(start), ctx.stage.eval, ctx.config.rollout.cuda_graphs)
     return {"stage": label, "summary": report["summary"]}
 

@@ -28,15 +28,19 @@ GRPO_STAGE = {
 }
 
 
-def make_trainer(tmp_path, tokenizer, model, **grpo):
+def write_pipeline(directory, run_dir, stage):
+    """A pipeline of one GRPO stage on math and code prompts, from the tiny layout."""
     blend = {"num_examples": 40, "seed": 0, "sources": [
         {"name": "math", "kind": "generator", "reasoning_on": 0.5, "rewards": {"math": 1.0}},
         {"name": "code", "kind": "generator", "reasoning_on": 0.5, "rewards": {"format": 1.0}}]}
-    (tmp_path / "blend.yaml").write_text(yaml.safe_dump(blend))
-    stage = {**GRPO_STAGE, "grpo": {**GRPO_STAGE["grpo"], **grpo}}
-    doc = {"run_dir": "run", "model": {"name": "tiny"}, "stages": [stage], "profiles": {"tiny": {}}}
-    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(doc))
-    config = load_config(tmp_path / "pipeline.yaml")
+    (directory / "blend.yaml").write_text(yaml.safe_dump(blend))
+    doc = {"run_dir": run_dir, "model": {"name": "tiny"}, "stages": [stage], "profiles": {"tiny": {}}}
+    (directory / "pipeline.yaml").write_text(yaml.safe_dump(doc))
+    return directory / "pipeline.yaml"
+
+
+def make_trainer(tmp_path, tokenizer, model, **grpo):
+    config = load_config(write_pipeline(tmp_path, "run", {**GRPO_STAGE, "grpo": {**GRPO_STAGE["grpo"], **grpo}}))
     trainer = build_trainer(StageContext(config, config.stages[0]), model, tokenizer)
     trainer.current_gradient_accumulation_steps = 1  # set by train(); some tests call the loss directly
     return trainer
