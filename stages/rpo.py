@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
-from datasets import Dataset
+from datasets import Dataset, load_dataset
 
 from data_blends.blend import build_examples
 from data_blends.chat import prompt_messages
@@ -99,30 +99,59 @@ def offline_pairs(ctx: StageContext) -> list[tuple[PreferencePair, bool]]:
     return pairs
 
 
+def candidate_rows(ctx: StageContext, start: Path, round_index: int) -> list[dict[str, Any]]:
+    """The round's pairs, on-policy and offline, as DPO text columns with their rewards."""
+    tokenizer = load_tokenizer(start)
+    rows = []
+    for pair, think in on_policy_pairs(ctx, start, round_index) + offline_pairs(ctx):
+        try:
+            rows.append(to_dpo_columns(pair, tokenizer, think))
+        except ValueError as error:  # a reply that reasons under /no_think cannot be rendered
+            log.warning("skipping a pair: %s", error)
+    if not rows:
+        raise RuntimeError(f"{ctx.dir}: no preference pairs this round (all replies tied within the margin)")
+    return rows
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    os.replace(tmp, path)
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def round_dataset(ctx: StageContext, start: Path, round_index: int) -> Dataset:
-    """The round's pairs as DPO text columns with rewards and reference log-probabilities, made once."""
-    path = ctx.dir / "pairs.jsonl"
+    """The round's pairs with rewards and reference log-probabilities, made once.
+
+    The main process samples the pairs (``candidates.jsonl``); then every process builds TRL's trainer,
+    whose reference pass splits the pairs between the processes and meets them in collectives. It reads
+    the pairs from a file in the round's directory, so that the cache file TRL writes the log-probabilities
+    to is one that every process can read, not the main process's temporary directory.
+    """
+    path, candidates = ctx.dir / "pairs.jsonl", ctx.dir / "candidates.jsonl"
+    state = PartialState()
     if not path.exists():
-        ctx.dir.mkdir(parents=True, exist_ok=True)
-        tokenizer = load_tokenizer(start)
-        rows = []
-        for pair, think in on_policy_pairs(ctx, start, round_index) + offline_pairs(ctx):
-            try:
-                rows.append(to_dpo_columns(pair, tokenizer, think))
-            except ValueError as error:  # a reply that reasons under /no_think cannot be rendered
-                log.warning("skipping a pair: %s", error)
-        if not rows:
-            raise RuntimeError(f"{ctx.dir}: no preference pairs this round (all replies tied within the margin)")
+        if state.is_main_process and not candidates.exists():
+            ctx.dir.mkdir(parents=True, exist_ok=True)
+            write_rows(candidates, candidate_rows(ctx, start, round_index))
+        state.wait_for_everyone()
+        dataset = load_dataset("json", data_files=str(candidates), split="train", cache_dir=str(ctx.dir / "cache"))
         # The reference log-probabilities: TRL computes them with the round's starting policy.
-        reference = rpo_trainer(ctx, load_model(start, dtype=DTYPES[ctx.config.model.dtype]), tokenizer,
-                                Dataset.from_list(rows))
-        for column in REF_COLUMNS:
-            for row, value in zip(rows, reference.train_dataset[column]):
-                row[column] = value
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        os.replace(tmp, path)
-    return Dataset.from_list([json.loads(line) for line in path.read_text().splitlines()])
+        reference = rpo_trainer(ctx, load_model(start, dtype=DTYPES[ctx.config.model.dtype]), load_tokenizer(start),
+                                dataset)
+        if state.is_main_process:
+            rows = read_rows(candidates)
+            for column in REF_COLUMNS:
+                for row, value in zip(rows, reference.train_dataset[column]):
+                    row[column] = value
+            write_rows(path, rows)
+        state.wait_for_everyone()
+        if state.is_main_process:
+            shutil.rmtree(ctx.dir / "cache", ignore_errors=True)    # the tokenized copies, read and done with
+    return Dataset.from_list(read_rows(path))
 
 
 def training_args(ctx: StageContext) -> RPOConfig:
@@ -155,13 +184,13 @@ def train(ctx: StageContext, start: Path) -> tuple[int, dict]:
     for index in range(ctx.stage.rpo.rounds):
         part = ctx.round(index)
         if not part.done_marker.exists():
-            with PartialState().main_process_first():
-                dataset = round_dataset(part, start, index)
+            dataset = round_dataset(part, start, index)
             round_steps, metrics = train_phase(part, start, lambda c, m, t: rpo_trainer(c, m, t, dataset))
             summary = {"round": index, "pairs": len(dataset), "steps": round_steps, "train_metrics": metrics,
                        **accuracy_trend(part.dir / "metrics.jsonl")}
             if PartialState().is_main_process:
                 part.done_marker.write_text(json.dumps(summary, indent=2))
+            PartialState().wait_for_everyone()      # then every process reads the marker
         summary = json.loads(part.done_marker.read_text())
         log.info("rpo round %d: %d pairs, preference accuracy %.2f -> %.2f", index, summary["pairs"],
                  summary.get("accuracy_first", float("nan")), summary.get("accuracy_last", float("nan")))

@@ -1,4 +1,4 @@
-"""One process of ``test_sharded_engine``: a rollout engine built from, and refreshed from, a policy whose
+"""One process of ``test_sharded_stages``: a rollout engine built from, and refreshed from, a policy whose
 weights are sharded across two CPU processes (gloo), by FSDP2 or by DeepSpeed ZeRO-3.
 
 Writes, per process, what the test compares: the engine's tokens and log-probabilities before and after an
