@@ -27,6 +27,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.fsdp import FullyShardedDataParallel
 from tqdm import tqdm
 
 from rollout import kernels
@@ -205,7 +206,11 @@ def length_runs(lengths: Sequence[int], shrink: float = 0.75) -> list[tuple[int,
 
 
 def unwrap(model: Any) -> Any:
-    """The bare model inside a DDP / accelerate wrapper."""
+    """The bare model inside a DDP / accelerate wrapper. FSDP version 1 is refused: its parameters are views
+    of each process's flat shard, which the engine would copy as they are (``rollout.weights`` reads FSDP2)."""
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise ValueError("the rollout engine cannot read a model under FSDP version 1; use fsdp_version: 2 in the "
+                         "accelerate config (as configs/accelerate/fsdp.yaml does), or DeepSpeed ZeRO-3")
     while hasattr(model, "module"):
         model = model.module
     return model

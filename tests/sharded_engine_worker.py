@@ -34,6 +34,14 @@ def fsdp2(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.optim.Optimize
     return model, torch.optim.SGD(model.parameters(), lr=0.5), lambda loss: loss.backward()
 
 
+def fsdp1(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.optim.Optimizer, object]:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    dist.init_process_group("gloo")
+    wrapped = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True)
+    return wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.5), lambda loss: loss.backward()
+
+
 def zero3(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.optim.Optimizer, object]:
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin
@@ -54,17 +62,17 @@ def main(mode: str, tokenizer_dir: str, out: str) -> None:
     whole = build_model("tiny", tokenizer, seed=0).eval()
     reference = RolloutEngine(whole, tokenizer, max_batch=4, max_length=64)
     result = {"reference_before": generate(reference)}
-    policy, optimizer, backward = {"fsdp2": fsdp2, "zero3": zero3}[mode](build_model("tiny", tokenizer, seed=0))
+    policy, optimizer, backward = {"fsdp1": fsdp1, "fsdp2": fsdp2, "zero3": zero3}[mode](build_model("tiny", tokenizer, seed=0))
     bare = getattr(policy, "module", policy)     # DeepSpeed wraps the model, FSDP2 shards it in place
     result["sharded"] = all(isinstance(p, DTensor) or p.numel() == 0 for p in bare.parameters())
-    engine = RolloutEngine(bare, tokenizer, max_batch=4, max_length=64)
+    engine = RolloutEngine(policy, tokenizer, max_batch=4, max_length=64)     # as the trainer holds it
     result["before"] = generate(engine)
 
     rank = dist.get_rank()
     ids = torch.tensor([PROMPTS[rank] + PROMPTS[2]])     # each process its own batch
     backward(policy(input_ids=ids, labels=ids).loss)
     optimizer.step()
-    engine.load_weights(bare)
+    engine.load_weights(policy)
     gathered = {name: tensor.clone() for name, tensor in full_parameters(bare)}
     own = dict(engine.model.named_parameters())
     result["engine_equals_gathered"] = all(torch.equal(own[name], t) for name, t in gathered.items())

@@ -28,14 +28,19 @@ ENV = {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELI
        "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
 
 
-@pytest.mark.parametrize("mode", ["fsdp2", "zero3"])
-def test_engine_follows_a_sharded_policy(tokenizer, tmp_path, mode):
-    tokenizer.save_pretrained(tmp_path / "tokenizer")
+def worker(mode: str, tokenizer, directory: Path) -> subprocess.CompletedProcess:
+    """``tests/sharded_engine_worker.py`` on two processes under torchrun; each writes ``rank<r>.json``."""
+    tokenizer.save_pretrained(directory / "tokenizer")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--master_port", str(free_port()), str(ROOT / "tests" / "sharded_engine_worker.py"),
-               mode, str(tmp_path / "tokenizer"), str(tmp_path)]
+               mode, str(directory / "tokenizer"), str(directory)]
     # The first ZeRO-3 run on a machine builds DeepSpeed's CPU communication op (about 30 s).
-    run = subprocess.run(command, cwd=ROOT, env=os.environ | ENV, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, cwd=ROOT, env=os.environ | ENV, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("mode", ["fsdp2", "zero3"])
+def test_engine_follows_a_sharded_policy(tokenizer, tmp_path, mode):
+    run = worker(mode, tokenizer, tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for result in ranks:
@@ -46,6 +51,12 @@ def test_engine_follows_a_sharded_policy(tokenizer, tmp_path, mode):
         assert result["after"] == result["reference_after"]
         assert [o["tokens"] for o in result["after"]] != [o["tokens"] for o in result["before"]]
     assert ranks[0] == ranks[1]
+
+
+def test_engine_refuses_fsdp1(tokenizer, tmp_path):
+    """FSDP version 1 shards flat parameters the engine cannot gather: refused, saying what to use."""
+    run = worker("fsdp1", tokenizer, tmp_path)
+    assert run.returncode != 0 and "use fsdp_version: 2" in run.stderr
 
 
 def zero3_launch(directory: Path, config: Path, stage: str) -> subprocess.CompletedProcess:
