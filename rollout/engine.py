@@ -310,8 +310,11 @@ class RolloutEngine:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int] | str], params: SamplingParams,
-                 progress: bool = False) -> list[Completion]:
-        """Completions in the order of ``prompts`` (token ids, or text encoded without special tokens)."""
+                 progress: bool = False, first_index: int = 0) -> list[Completion]:
+        """Completions in the order of ``prompts`` (token ids, or text encoded without special tokens).
+
+        Prompt i samples from its own seed, ``params.seed`` and ``first_index + i``: processes that each
+        generate a slice of a batch, passing where their slice starts, sample what one process would."""
         ids = [self.tokenizer.encode(p, add_special_tokens=False) if isinstance(p, str) else list(p)
                for p in prompts]
         if any(not p for p in ids):
@@ -329,7 +332,7 @@ class RolloutEngine:
         stops = set(params.stop_token_ids if params.stop_token_ids is not None else [self.tokenizer.eos_token_id])
         sampled = params.temperature > 0
         seqs = [_Sequence(p, Draws(params.seed * 1_000_003 + i) if sampled else None, thinking=self._opens_thinking(p))
-                for i, p in enumerate(ids)]
+                for i, p in enumerate(ids, start=first_index)]
         waiting, running = deque(seqs), []
         bar = tqdm(total=len(seqs), desc="rollout", disable=not progress, leave=False)
         while waiting or running:

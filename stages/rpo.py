@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import gather_object
 from datasets import Dataset, load_dataset
 
 from data_blends.blend import build_examples
@@ -49,7 +50,10 @@ def best_and_worst(scores: list[float | None], margin: float) -> tuple[int, int]
 
 
 def on_policy_pairs(ctx: StageContext, start: Path, round_index: int) -> list[tuple[PreferencePair, bool]]:
-    """Sample K replies per prompt from the policy at ``start``; keep (best, worst) pairs, with their mode."""
+    """Sample K replies per prompt from the policy at ``start``; keep (best, worst) pairs, with their mode.
+
+    Each process samples and scores its own slice of the prompts; every process gets all the pairs, in the
+    order, and with the samples, of one process doing it all. A collective: every process calls it."""
     spec: RPOSpec = ctx.stage.rpo
     sources = {s.name: s for s in ctx.stage.blend_spec.sources if s.kind == "generator" and s.rewards}
     prompt_blend = dataclasses.replace(ctx.stage.blend_spec, sources=list(sources.values()))
@@ -63,11 +67,16 @@ def on_policy_pairs(ctx: StageContext, start: Path, round_index: int) -> list[tu
                            max_batch=spec.engine_max_batch,
                            max_length=ctx.stage.trainer.max_length + spec.max_new_tokens,
                            cuda_graphs=ctx.config.rollout.cuda_graphs)
+    state = PartialState()
+    share = -(-len(examples) // state.num_processes)
+    first = state.process_index * share
+    examples = examples[first : first + share]
     prompts = [prompt_messages(e.row, e.think) for e in examples]
     repeated = [p for p in prompts for _ in range(spec.samples_per_prompt)]
-    outs = engine.generate([render(tokenizer, p) for p in repeated],
-                           SamplingParams(max_new_tokens=spec.max_new_tokens, temperature=spec.temperature,
-                                          seed=ctx.config.seed + round_index), progress=True)
+    params = SamplingParams(max_new_tokens=spec.max_new_tokens, temperature=spec.temperature,
+                            seed=ctx.config.seed + round_index)
+    outs = (engine.generate([render(tokenizer, p) for p in repeated], params, progress=True,
+                            first_index=first * spec.samples_per_prompt) if repeated else [])
     pairs = []
     for i, (example, prompt) in enumerate(zip(examples, prompts)):
         group = outs[i * spec.samples_per_prompt : (i + 1) * spec.samples_per_prompt]
@@ -83,7 +92,7 @@ def on_policy_pairs(ctx: StageContext, start: Path, round_index: int) -> list[tu
             replies = [reward.reply(prompt, group[k].token_ids) for k in (best, worst)]
             pairs.append((PreferencePair(prompt, *replies, scores[best], scores[worst], row["source"]),
                           example.think))
-    return pairs
+    return gather_object(pairs) if state.num_processes > 1 else pairs
 
 
 def offline_pairs(ctx: StageContext) -> list[tuple[PreferencePair, bool]]:
@@ -126,17 +135,20 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 def round_dataset(ctx: StageContext, start: Path, round_index: int) -> Dataset:
     """The round's pairs with rewards and reference log-probabilities, made once.
 
-    The main process samples the pairs (``candidates.jsonl``); then every process builds TRL's trainer,
-    whose reference pass splits the pairs between the processes and meets them in collectives. It reads
-    the pairs from a file in the round's directory, so that the cache file TRL writes the log-probabilities
-    to is one that every process can read, not the main process's temporary directory.
+    The processes sample the pairs together, the main one writing them (``candidates.jsonl``); then every
+    process builds TRL's trainer, whose reference pass splits the pairs between the processes and meets
+    them in collectives. It reads the pairs from a file in the round's directory, so that the cache file
+    TRL writes the log-probabilities to is one that every process can read, not the main process's
+    temporary directory.
     """
     path, candidates = ctx.dir / "pairs.jsonl", ctx.dir / "candidates.jsonl"
     state = PartialState()
     if not path.exists():
-        if state.is_main_process and not candidates.exists():
-            ctx.dir.mkdir(parents=True, exist_ok=True)
-            write_rows(candidates, candidate_rows(ctx, start, round_index))
+        if not candidates.exists():        # the same answer on every process: none writes it before all sampled
+            rows = candidate_rows(ctx, start, round_index)
+            if state.is_main_process:
+                ctx.dir.mkdir(parents=True, exist_ok=True)
+                write_rows(candidates, rows)
         state.wait_for_everyone()
         dataset = load_dataset("json", data_files=str(candidates), split="train", cache_dir=str(ctx.dir / "cache"))
         # The reference log-probabilities: TRL computes them with the round's starting policy.

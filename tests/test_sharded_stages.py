@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -88,12 +89,19 @@ def test_grpo_stage_under_zero3(tmp_path):
 
 
 def test_rpo_stage_under_zero3(tmp_path):
-    """Both rounds: the main process samples the pairs with the engine, every process takes part in TRL's
-    reference pass over them, and the rounds train and hand on their policy; then the evaluation."""
-    config = write_rpo_pipeline(tmp_path)
-    run(config)                                              # sft_reasoning, one process
-    zero3_launch(tmp_path, config, "rpo")
-    rpo = tmp_path / "run" / "rpo"
+    """Both rounds: the processes sample the pairs together (the first round's are those of one process
+    sampling them all), every process takes part in TRL's reference pass over them, and the rounds train
+    and hand on their policy; then the evaluation."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    config_one, config_two = write_rpo_pipeline(one), write_rpo_pipeline(two)
+    run(config_one)                                          # sft_reasoning, one process
+    shutil.copytree(one / "run", two / "run")
+    run(config_one, "rpo")                                   # rpo on one process, then on two under ZeRO-3
+    zero3_launch(two, config_two, "rpo")
+    first = [(d / "run" / "rpo" / "round_0" / "candidates.jsonl").read_text() for d in (one, two)]
+    assert first[0] == first[1]
+    rpo = two / "run" / "rpo"
     for index in range(RPO_STAGE["rpo"]["rounds"]):
         done = json.loads((rpo / f"round_{index}" / "DONE.json").read_text())
         assert done["pairs"] > 0 and done["steps"] == RPO_STAGE["trainer"]["max_steps"]
