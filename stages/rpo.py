@@ -92,7 +92,7 @@ def on_policy_pairs(ctx: StageContext, start: Path, round_index: int) -> list[tu
             replies = [reward.reply(prompt, group[k].token_ids) for k in (best, worst)]
             pairs.append((PreferencePair(prompt, *replies, scores[best], scores[worst], row["source"]),
                           example.think))
-    return gather_object(pairs) if state.num_processes > 1 else pairs
+    return gather_object(pairs)      # one process: the list itself
 
 
 def offline_pairs(ctx: StageContext) -> list[tuple[PreferencePair, bool]]:
@@ -145,6 +145,8 @@ def round_dataset(ctx: StageContext, start: Path, round_index: int) -> Dataset:
     state = PartialState()
     if not path.exists():
         if not candidates.exists():        # the same answer on every process: none writes it before all sampled
+            # Every process renders the same rows, so that an error (no pairs) stops them all instead of
+            # leaving the others in the barrier below.
             rows = candidate_rows(ctx, start, round_index)
             if state.is_main_process:
                 ctx.dir.mkdir(parents=True, exist_ok=True)
