@@ -10,9 +10,9 @@ The ``prefill`` column is the share of the engine's time spent in prefill (the p
 their first tokens) in its median run: the part that a faster decode step leaves as it is.
 
 On CPU without stops the bench also times the decode's matrix products alone (``matrix_products``): the
-layers' projections and the attention products over the KV cache, which ``generate()`` runs too. Their
-throughput over ``generate()``'s is the "ceiling": what a decoder that spent no time on anything else
-would gain over ``generate()`` with the same products. (On a GPU, launching them one by one is itself
+layers' projections, and the attention over the KV cache as the engine runs it (``kernels.decode_attention``),
+which ``generate()`` runs too, as products. Their throughput over ``generate()``'s is the "ceiling": what a
+decoder that spent no time on anything else (the Mamba recurrence, norms, sampling, the loop) would gain. (On a GPU, launching them one by one is itself
 overhead that CUDA graphs remove, so there they bound nothing and are not timed.)
 
     python -m bench.bench_rollout                                   # tiny layout, batches 1, 16, 64
@@ -39,6 +39,7 @@ import torch
 
 from bench.common import bench_tokenizer, chat_prompts, header, timed
 from model.factory import build_model, load_model, load_tokenizer
+from rollout import kernels
 from rollout.engine import ATTENTION, MAMBA, RolloutEngine, StateCache
 from rollout.sampling import SamplingParams
 
@@ -63,21 +64,23 @@ def engine_generate(engine: RolloutEngine, prompts: list[list[int]], new_tokens:
 @torch.no_grad()
 def matrix_products(engine: RolloutEngine, batch: int, prompt_length: int, new_tokens: int) -> int:
     """Run only the matrix products of greedy decoding ``new_tokens`` for ``batch`` prompts padded to
-    ``prompt_length``: per step, every layer's projections and, in attention layers, the scores and the
-    weighted sum over the KV span the step reads (the engine's cache, at its size). The inputs are zeros:
-    the products' cost does not depend on their values. Returns the tokens such a decode writes."""
+    ``prompt_length``: per step, every layer's projections and, in attention layers, the attention over the
+    KV span the step reads (the engine's cache, at its size, through ``kernels.decode_attention``). The
+    inputs are zeros: the products' cost does not depend on their values. Returns the tokens such a decode
+    writes."""
     model, cache = engine.model, engine.cache
     x = torch.zeros(batch, model.config.hidden_size, device=engine.device, dtype=model.dtype)
     for span in range(prompt_length + 1, prompt_length + new_tokens + 1):
+        bias = x.new_zeros(batch, span)
         for i, block in enumerate(model.model.layers):
             mixer = block.mixer
             if block.block_type == MAMBA:
                 mixer.out_proj(mixer.in_proj(x)[:, : mixer.intermediate_size])
             elif block.block_type == ATTENTION:
                 keys, values = cache.keys[i][:batch, :, :span], cache.values[i][:batch, :, :span]
-                q = mixer.q_proj(x[:, None]).view(batch, keys.shape[1], -1, mixer.head_dim)   # one token per row
-                mixer.k_proj(x[:, None]), mixer.v_proj(x[:, None])
-                mixer.o_proj(((q @ keys.transpose(-1, -2)) @ values).flatten(1))
+                q = mixer.q_proj(x).view(batch, -1, mixer.head_dim)
+                mixer.k_proj(x), mixer.v_proj(x)
+                mixer.o_proj(kernels.decode_attention(q, keys, values, bias, mixer.scaling).flatten(1))
             else:
                 mixer(x)
         model.lm_head(x)

@@ -72,6 +72,8 @@ class StateCache:
     """Per-slot decoding state of every layer, allocated once: Mamba conv and SSM states, attention KV."""
 
     def __init__(self, model: Any, slots: int, max_length: int, state_dtype: torch.dtype = torch.float32):
+        """On CPU the keys are stored position-major, ``[slots, kv_heads, head_dim, max_length]`` behind a
+        transposed view, as ``kernels.decode_attention_cpp`` reads them."""
         config, param = model.config, next(model.parameters())
         self.max_length = max_length
         self.conv: dict[int, torch.Tensor] = {}
@@ -88,7 +90,9 @@ class StateCache:
                                               dtype=state_dtype)
             elif block.block_type == ATTENTION:
                 shape = (slots, config.num_key_value_heads, max_length, mixer.head_dim)
-                self.keys[i], self.values[i] = param.new_zeros(shape), param.new_zeros(shape)
+                self.keys[i] = (param.new_zeros(shape).transpose(2, 3).contiguous().transpose(2, 3)
+                                if param.device.type == "cpu" else param.new_zeros(shape))
+                self.values[i] = param.new_zeros(shape)
         self.lengths = torch.zeros(slots, dtype=torch.long, device=param.device)
 
     def buffers(self) -> list[torch.Tensor]:
@@ -256,6 +260,8 @@ class RolloutEngine:
         self.seconds = {"prefill": 0.0, "decode": 0.0}
         self.think_end = tokenizer.encode("</think>", add_special_tokens=False)
         self.decay, self.taps = self._weight_terms()
+        if self.device.type == "cpu":
+            kernels.build_cpu_kernels()
         if compile:
             self._mark_static([*self.decay.values(), *self.taps.values()])
         cuda_graphs = cuda_graphs and self.device.type == "cuda" and not compile
@@ -622,11 +628,6 @@ class RolloutEngine:
         bias = torch.zeros(*positions.shape, len(offsets), dtype=self.model.dtype, device=positions.device)
         return bias.masked_fill_(offsets > positions[..., None], float("-inf"))
 
-    @staticmethod
-    def _heads(attn: Any, x: torch.Tensor, proj: Any) -> torch.Tensor:
-        """[..., tokens, hidden] -> [..., heads, tokens, head_dim]."""
-        return proj(x).unflatten(-1, (-1, attn.head_dim)).transpose(-3, -2)
-
     def _attention_prefill(self, i: int, attn: Any, x: torch.Tensor, layout: Padding,
                            runs: list[tuple[int, int, int]], rows: torch.Tensor):
         """The packed prompts as rows of a batch padded at the end, longest first (``layout``; ``rows``: the
@@ -649,18 +650,12 @@ class RolloutEngine:
                         bias: torch.Tensor) -> torch.Tensor:
         """One token per sequence, row i in cache slot i (``rows``: 0..batch-1); ``bias`` [batch, span] is
         the attention mask of ``_attention_bias``."""
-        q, k, v = (self._heads(attn, x[:, None], p) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+        q, k, v = (p(x).unflatten(-1, (-1, attn.head_dim)) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
         batch, span = bias.shape
         keys, values = self.cache.keys[i], self.cache.values[i]
         # Written through the cache tensor, not a view of its first rows: a compiled step would copy the
         # whole cache back after writing into such a view.
-        keys[rows, :, positions] = k[:, :, 0]
-        values[rows, :, positions] = v[:, :, 0]
-        # One query per sequence: two batched products over each KV head's group of query heads, which
-        # compile into fewer, cheaper calls than the SDPA kernel.
-        kv_heads = keys.shape[1]
-        qg = q.reshape(batch, kv_heads, -1, q.shape[-1])
-        scores = (qg @ keys[:batch, :, :span].transpose(-1, -2)) * attn.scaling
-        probs = (scores + bias[:, None, None]).softmax(-1)
-        out = probs @ values[:batch, :, :span]
+        keys[rows, :, positions] = k
+        values[rows, :, positions] = v
+        out = kernels.decode_attention(q, keys[:batch, :, :span], values[:batch, :, :span], bias, attn.scaling)
         return attn.o_proj(out.flatten(1))

@@ -1,5 +1,5 @@
-"""bench_rollout's floor must time the very matrix products a decode step runs, no more and no fewer; its
-``--against`` must run the engine of the named commit."""
+"""bench_rollout's floor must time the very matrix products (and attention kernels) a decode step runs, no
+more and no fewer; its ``--against`` must run the engine of the named commit."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from model.factory import build_model
 from rollout.engine import RolloutEngine
 from rollout.sampling import SamplingParams
 
-PRODUCTS = ("aten::linear", "aten::matmul")
+PRODUCTS = ("aten::linear", "aten::matmul", "rollout_kernels::decode_attention")
 
 
 def products_of(fn) -> Counter:
@@ -41,7 +41,8 @@ def test_matrix_products_are_those_of_a_decode_step(layout, tokenizer):
         step = products_of(lambda: engine._decode_step(torch.zeros(batch, dtype=torch.long), positions, bias))
     floor = products_of(lambda: matrix_products(engine, batch, length, 1))
     assert floor == step
-    assert sum(n for (name, _), n in step.items() if name == "aten::matmul") >= 2     # attention's products are in
+    attention = sum(n for (name, _), n in step.items() if name == "rollout_kernels::decode_attention")
+    assert attention == sum(b.block_type == "full_attention" for b in model.model.layers)   # the C++ kernel, each layer
 
 
 def test_engine_at_imports_the_committed_engine(tmp_path, tiny_model, tokenizer):

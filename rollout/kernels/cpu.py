@@ -1,0 +1,324 @@
+"""C++ kernels of the decode step on CPU, where Triton runs only in its interpreter.
+
+Each is an op of the ``rollout_kernels`` library with the signature of its PyTorch reference, which
+``torch.compile`` calls as one opaque kernel. Both are bound by memory: one pass over what they read.
+
+- ``decode_attention``: one query token per sequence against its KV cache. As two batched matrix products
+  with a softmax between them (``decode_attention_ref``), each (sequence, KV head) is a product of a few
+  query rows with the cache: MKL runs such thin products far from the bandwidth of the caches, and the
+  scores and probabilities make two round trips through memory. On a 2-core CPU those products and their
+  softmax were over a third of the tiny model's decode step at batch 64. The kernel walks each (sequence,
+  KV head) once: the scores of its group of query heads, their softmax and the weighted sum of the
+  values, from buffers that stay in L1, prefetching the next head's keys and values meanwhile. It reads
+  the keys with positions contiguous (``keys.stride(2) == 1``: on CPU the engine stores them
+  ``[slots, kv_heads, head_dim, max_length]`` and passes a transposed view), so that each score is a
+  vector multiply-add over positions; the values with dims contiguous, so that each position adds a
+  vector to the output. A row reads positions only up to its last unmasked one.
+- ``selective_state_update``: the Mamba-2 recurrent step (``rollout.kernels.state_update``'s reference),
+  each (row, head)'s state read, updated and written back in place while its output is summed. Compiled
+  from the reference, the new state went to a temporary buffer, was copied into the cache and read again.
+
+They are built with ``torch.utils.cpp_extension`` at first use (about 30 s, then cached on disk), with the
+C++ compiler that ``torch.compile`` needs on CPU anyway; where none builds them, the references run.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.cpp_extension import get_default_build_root, load_inline
+
+_SOURCE = r"""
+#if defined(__AVX2__) && defined(__FMA__)
+#define CPU_CAPABILITY_AVX2
+#endif
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/cpu/vec/functional.h>
+#include <torch/library.h>
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t W = Vec::size();  // 8 floats: AVX2, or the scalar fallback of the same width
+
+// G query heads of one KV head, head_dim = C * W, over positions [0, n): scores (keys positions-contiguous,
+// stride ksd between dims), their softmax, then the sum of the values weighted by it. s holds G rows of
+// n + W scores.
+template <int G, int C>
+void one_head(const float* q, const float* K, int64_t ksd, const float* V, int64_t vst, const float* bias,
+              int64_t n, float scale, float* s, float* out, const float* next_K, const float* next_V) {
+  const int64_t row = n + W;
+  for (int64_t t = 0; t < n; t += W) {
+    const int64_t m = std::min(W, n - t);
+    Vec acc[G];
+    for (int g = 0; g < G; ++g) acc[g] = Vec(0.f);
+    for (int64_t d = 0; d < C * W; ++d) {
+      __builtin_prefetch(next_K + d * ksd + t, 0, 2);
+      const Vec k = m == W ? Vec::loadu(K + d * ksd + t) : Vec::loadu(K + d * ksd + t, m);
+      for (int g = 0; g < G; ++g) acc[g] = at::vec::fmadd(Vec(q[g * C * W + d]), k, acc[g]);
+    }
+    const Vec b = m == W ? Vec::loadu(bias + t) : Vec::loadu(bias + t, m);
+    for (int g = 0; g < G; ++g) at::vec::fmadd(acc[g], Vec(scale), b).store(s + g * row + t, m);
+  }
+  float inverse[G];
+  for (int g = 0; g < G; ++g) {
+    float* sg = s + g * row;
+    const float top = *std::max_element(sg, sg + n);
+    Vec sum(0.f);
+    for (int64_t t = 0; t < n; t += W) {
+      const int64_t m = std::min(W, n - t);
+      Vec e = (Vec::loadu(sg + t, m) - Vec(top)).exp_u20();
+      if (m < W) e = Vec::set(Vec(0.f), e, m);
+      e.store(sg + t, m);
+      sum = sum + e;
+    }
+    inverse[g] = 1.f / at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, sum);
+  }
+  Vec acc[G][C];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < C; ++c) acc[g][c] = Vec(0.f);
+  for (int64_t t = 0; t < n; ++t) {
+    for (int c = 0; c < C; c += 2) __builtin_prefetch(next_V + t * vst + c * W, 0, 2);
+    for (int c = 0; c < C; ++c) {
+      const Vec v = Vec::loadu(V + t * vst + c * W);
+      for (int g = 0; g < G; ++g) acc[g][c] = at::vec::fmadd(Vec(s[g * row + t]), v, acc[g][c]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < C; ++c) (acc[g][c] * Vec(inverse[g])).store(out + (g * C + c) * W);
+}
+
+using HeadFn = void (*)(const float*, const float*, int64_t, const float*, int64_t, const float*, int64_t, float,
+                        float*, float*, const float*, const float*);
+
+template <int G>
+HeadFn with_dims(int64_t C) {
+  switch (C) {
+    case 1: return one_head<G, 1>;
+    case 2: return one_head<G, 2>;
+    case 3: return one_head<G, 3>;
+    case 4: return one_head<G, 4>;
+    case 8: return one_head<G, 8>;
+    case 16: return one_head<G, 16>;
+  }
+  TORCH_CHECK(false, "decode_attention: head_dim ", C * W, " is not one of 8, 16, 24, 32, 64, 128");
+}
+
+HeadFn head_fn(int64_t G, int64_t C) {
+  switch (G) {
+    case 1: return with_dims<1>(C);
+    case 2: return with_dims<2>(C);
+    case 3: return with_dims<3>(C);
+    case 4: return with_dims<4>(C);
+  }
+  TORCH_CHECK(false, "decode_attention: groups of ", G, " query heads");
+}
+
+constexpr int64_t MAX_GROUP = 4;  // more query heads per KV head run in groups of at most 4
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                            const at::Tensor& bias, double scale) {
+  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2), kv_heads = keys.size(1);
+  const int64_t span = keys.size(2), group = heads / kv_heads;
+  TORCH_CHECK(q.scalar_type() == at::kFloat && keys.scalar_type() == at::kFloat &&
+              values.scalar_type() == at::kFloat && bias.scalar_type() == at::kFloat, "decode_attention: float32 only");
+  TORCH_CHECK(keys.stride(2) == 1 && values.stride(3) == 1 && bias.stride(1) == 1 && dim % W == 0,
+              "decode_attention: keys need contiguous positions, values and bias contiguous last dims");
+  const at::Tensor query = q.contiguous();
+  at::Tensor out = at::empty({batch, heads, dim}, q.options());
+  const float* qp = query.data_ptr<float>();
+  const float* kp = keys.data_ptr<float>();
+  const float* vp = values.data_ptr<float>();
+  const float* bp = bias.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s(MAX_GROUP * (span + W));
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / kv_heads, h = i % kv_heads;
+      const float* row_bias = bp + b * bias.stride(0);
+      int64_t n = span;  // positions past the last unmasked one are not read
+      while (n > 0 && std::isinf(row_bias[n - 1]) && row_bias[n - 1] < 0) --n;
+      for (int64_t g0 = 0; g0 < group; g0 += MAX_GROUP) {
+        const int64_t g = std::min(MAX_GROUP, group - g0);
+        const int64_t first = (b * heads + h * group + g0) * dim;
+        const int64_t j = std::min(i + 1, end - 1), nb = j / kv_heads, nh = j % kv_heads;
+        head_fn(g, dim / W)(qp + first, kp + b * keys.stride(0) + h * keys.stride(1), keys.stride(3),
+                            vp + b * values.stride(0) + h * values.stride(1), values.stride(2), row_bias, n,
+                            static_cast<float>(scale), s.data(), op + first,
+                            kp + nb * keys.stride(0) + nh * keys.stride(1),
+                            vp + nb * values.stride(0) + nh * values.stride(1));
+      }
+    }
+  });
+  return out;
+}
+
+// softplus(dt + dt_bias) clamped to [lo, hi], as torch's softplus (linear above 20)
+inline float discretize_dt(float dt, float lo, float hi) {
+  const float x = dt > 20.f ? dt : std::log1p(std::exp(dt));
+  return std::min(std::max(x, lo), hi);
+}
+
+at::Tensor selective_state_update(at::Tensor& state, const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A,
+                                  const at::Tensor& B, const at::Tensor& C, const at::Tensor& D,
+                                  const at::Tensor& dt_bias, const c10::optional<at::Tensor>& slot_idx,
+                                  double dt_min, double dt_max) {
+  const int64_t batch = x.size(0), heads = x.size(1), dim = x.size(2), groups = B.size(1), n = B.size(2);
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&state, &x, &dt, &A, &B, &C, &D, &dt_bias})
+    TORCH_CHECK(t->scalar_type() == at::kFloat, "selective_state_update: float32 only");
+  TORCH_CHECK(state.stride(3) == 1 && state.stride(2) == n && x.stride(2) == 1 && B.stride(2) == 1 &&
+              C.stride(2) == 1 && A.is_contiguous() && D.is_contiguous() && dt_bias.is_contiguous(),
+              "selective_state_update: contiguous state rows and last dims");
+  at::Tensor y = at::empty({batch, heads, dim}, x.options());
+  const int64_t* slots = slot_idx.has_value() ? slot_idx->data_ptr<int64_t>() : nullptr;
+  const float *xp = x.data_ptr<float>(), *dtp = dt.data_ptr<float>(), *ap = A.data_ptr<float>();
+  const float *bp = B.data_ptr<float>(), *cp = C.data_ptr<float>(), *dp = D.data_ptr<float>();
+  const float* biasp = dt_bias.data_ptr<float>();
+  float *sp = state.data_ptr<float>(), *yp = y.data_ptr<float>();
+  const int64_t per_group = heads / groups;
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / heads, h = i % heads, g = h / per_group;
+      const int64_t slot = slots ? slots[b] : b;
+      float* out = yp + b * y.stride(0) + h * y.stride(1);
+      if (slot < 0) {  // padding: zeros out, no state read or written
+        std::fill(out, out + dim, 0.f);
+        continue;
+      }
+      const float step = discretize_dt(dtp[b * dt.stride(0) + h * dt.stride(1)] + biasp[h], dt_min, dt_max);
+      const Vec decay(std::exp(step * ap[h]));
+      const float* Bg = bp + b * B.stride(0) + g * B.stride(1);
+      const float* Cg = cp + b * C.stride(0) + g * C.stride(1);
+      const float* xh = xp + b * x.stride(0) + h * x.stride(1);
+      float* rows = sp + slot * state.stride(0) + h * state.stride(1);
+      for (int64_t p = 0; p < dim; ++p) {
+        float* row = rows + p * n;
+        const Vec inflow(step * xh[p]);
+        Vec sum(0.f);
+        for (int64_t k = 0; k < n; k += W) {
+          const int64_t m = std::min(W, n - k);
+          const Vec updated = at::vec::fmadd(Vec::loadu(row + k, m), decay, inflow * Vec::loadu(Bg + k, m));
+          updated.store(row + k, m);
+          sum = at::vec::fmadd(updated, Vec::loadu(Cg + k, m), sum);  // loadu with a count zero-fills the rest
+        }
+        out[p] = at::vec::vec_reduce_all<float>([](Vec& a, Vec& c) { return a + c; }, sum) + dp[h] * xh[p];
+      }
+    }
+  });
+  return y;
+}
+
+TORCH_LIBRARY(rollout_kernels, m) {
+  m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor bias, float scale) -> Tensor");
+  m.def("selective_state_update(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor D, "
+        "Tensor dt_bias, Tensor? slot_idx, float dt_min, float dt_max) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(rollout_kernels, CPU, m) {
+  m.impl("decode_attention", &decode_attention);
+  m.impl("selective_state_update", &selective_state_update);
+}
+"""
+
+_built: bool | None = None      # None: not tried yet
+STALE_LOCK_SECONDS = 600        # a build takes about 30 s; a lock this old was left by a killed build
+
+
+def build_directory() -> Path:
+    """Where the library is built and cached: one directory per torch and Python version."""
+    version = f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
+    return Path(get_default_build_root()) / f"rollout_cpu_kernels-{version}"
+
+
+def build() -> bool:
+    """Compile and load the kernels once per process; False, with a warning, where they cannot be built.
+
+    The library is cached on disk per torch and Python version (``torch.utils.cpp_extension`` rebuilds it
+    when the source or flags change), and processes that start together build it once, behind a lock
+    file. A process killed while building leaves that lock behind, and every later build would wait on
+    it forever: a lock older than ``STALE_LOCK_SECONDS`` is removed first."""
+    global _built
+    if _built is None:
+        flags = ["-O3", "-fopenmp"]
+        if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() != "DEFAULT":
+            flags += ["-mavx2", "-mfma"]
+        directory = build_directory()
+        directory.mkdir(parents=True, exist_ok=True)
+        lock = directory / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+            warnings.warn(f"removing {lock}, left by a build that did not finish")
+            lock.unlink(missing_ok=True)
+        try:
+            load_inline("rollout_cpu_kernels", cpp_sources=_SOURCE, extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                        build_directory=str(directory), is_python_module=False)
+            torch.library.register_fake("rollout_kernels::decode_attention")(_fake_attention)
+            torch.library.register_fake("rollout_kernels::selective_state_update")(_fake_state_update)
+            _built = True
+        except (RuntimeError, OSError) as error:
+            warnings.warn(f"the C++ kernels for the CPU could not be built, the references run instead: {error}")
+            _built = False
+    return _built
+
+
+def _fake_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    return q.new_empty(q.shape)
+
+
+def _fake_state_update(state: torch.Tensor, x: torch.Tensor, *args: Any) -> torch.Tensor:
+    return x.new_empty(x.shape)
+
+
+def _cpu_float32(*tensors: torch.Tensor) -> bool:
+    return bool(_built) and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+
+def fits_attention(q: torch.Tensor, keys: torch.Tensor) -> bool:
+    """Whether ``decode_attention_cpp`` takes these tensors: built, float32 on CPU, keys with contiguous
+    positions, a head dim of 8, 16, 24, 32, 64 or 128."""
+    return _cpu_float32(q, keys) and keys.stride(2) == 1 and q.shape[-1] in (8, 16, 24, 32, 64, 128)
+
+
+def fits_state_update(state: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether ``selective_state_update_cpp`` takes these tensors: built, a float32 state and input on CPU
+    (the rest must then be float32 too), the state's rows contiguous."""
+    return _cpu_float32(state, x) and state.stride(3) == 1 and state.stride(2) == state.shape[3]
+
+
+def decode_attention_cpp(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+    """The C++ kernel (``build()`` first); the arguments and result of ``decode_attention_ref``."""
+    return torch.ops.rollout_kernels.decode_attention(q, keys, values, bias, scale)
+
+
+def selective_state_update_cpp(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
+                               B: torch.Tensor, C: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, *,
+                               slot_idx: torch.Tensor | None,
+                               dt_limit: tuple[float, float] = (0.0, float("inf"))) -> torch.Tensor:
+    """The C++ kernel (``build()`` first); the arguments and result of
+    ``rollout.kernels.state_update.selective_state_update_ref``, the state updated in place."""
+    return torch.ops.rollout_kernels.selective_state_update(state, x, dt, A, B, C, D, dt_bias, slot_idx, *dt_limit)
+
+
+def decode_attention_ref(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+    """Attention of one query token per sequence over its cached keys and values.
+
+    q: [batch, heads, head_dim], query head j reading KV head j // (heads // kv_heads);
+    keys, values: [batch, kv_heads, span, head_dim] (any strides); bias: [batch, span], added to the
+    scaled scores (0 where a position is read, -inf where it is masked). Returns [batch, heads, head_dim].
+    """
+    batch, kv_heads = keys.shape[:2]
+    grouped = q.reshape(batch, kv_heads, -1, q.shape[-1])
+    scores = (grouped @ keys.transpose(-1, -2)) * scale
+    probs = (scores + bias[:, None, None]).softmax(-1)
+    return (probs @ values).reshape(q.shape)

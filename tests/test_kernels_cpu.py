@@ -1,0 +1,130 @@
+"""The C++ kernels of the CPU decode step against their PyTorch references, and the engine without them."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from rollout import kernels
+from rollout.engine import RolloutEngine
+from rollout.kernels import cpu
+from rollout.kernels.state_update import selective_state_update_ref
+from rollout.sampling import SamplingParams
+
+pytestmark = pytest.mark.skipif(not cpu.build(), reason="no C++ compiler builds the CPU kernels")
+
+
+def attention_inputs(batch: int, kv_heads: int, group: int, head_dim: int, span: int, seed: int = 0):
+    """Keys position-major in a cache of more slots and positions than read, as the engine stores them on CPU;
+    row i reads positions up to its own length (the last row all of them), and row 0 has a masked position
+    inside. Positions past a row's length hold NaN: the kernel must not read them."""
+    g = torch.Generator().manual_seed(seed)
+    slots, max_length = batch + 2, span + 5
+    keys = torch.randn(slots, kv_heads, head_dim, max_length, generator=g).transpose(2, 3)
+    values = torch.randn(slots, kv_heads, max_length, head_dim, generator=g)
+    q = torch.randn(batch, kv_heads * group, head_dim, generator=g)
+    lengths = torch.randint(1, span + 1, (batch,), generator=g)
+    lengths[-1] = span
+    bias = torch.zeros(batch, span).masked_fill_(torch.arange(span) >= lengths[:, None], float("-inf"))
+    if span > 2 and lengths[0] > 2:
+        bias[0, 1] = float("-inf")
+    finite = keys[:batch, :, :span], values[:batch, :, :span]
+    poisoned = [t.clone() for t in (keys, values)]      # clones keep the strides
+    for row, length in enumerate(lengths.tolist()):
+        for t in poisoned:
+            t[row, :, length:] = float("nan")
+    return q, finite, (poisoned[0][:batch, :, :span], poisoned[1][:batch, :, :span]), bias
+
+
+@pytest.mark.parametrize("kv_heads,group,head_dim,span", [
+    (2, 2, 24, 37),     # the tiny model
+    (1, 5, 64, 19),     # Nemotron Nano 2's group of 5 query heads: run as 4 and 1
+    (8, 4, 128, 9),     # Nemotron-H-8B
+    (2, 3, 8, 8),
+    (1, 1, 16, 1),
+])
+def test_decode_attention_matches_ref(kv_heads: int, group: int, head_dim: int, span: int) -> None:
+    q, (keys, values), (poisoned_keys, poisoned_values), bias = attention_inputs(5, kv_heads, group, head_dim, span)
+    assert cpu.fits_attention(q, keys)
+    want = kernels.decode_attention_ref(q, keys, values, bias, head_dim ** -0.5)
+    got = kernels.decode_attention_cpp(q, poisoned_keys, poisoned_values, bias, head_dim ** -0.5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_dispatch() -> None:
+    """The kernel where it fits (position-major float32 keys), the reference for row-major or bf16 keys."""
+    q, (keys, values), _, bias = attention_inputs(3, 2, 2, 24, 11)
+
+    def ops(*args):
+        with torch.profiler.profile() as prof:
+            out = kernels.decode_attention(*args, 0.2)
+        return out, {e.name for e in prof.events()}
+
+    out, names = ops(q, keys, values, bias)
+    assert "rollout_kernels::decode_attention" in names
+    row_major, ref_names = ops(q, keys.contiguous(), values, bias)
+    assert "rollout_kernels::decode_attention" not in ref_names and "aten::bmm" in ref_names
+    torch.testing.assert_close(out, row_major, rtol=1e-5, atol=1e-5)
+    assert not cpu.fits_attention(q.bfloat16(), keys.bfloat16())
+
+
+def state_inputs(batch: int, heads: int, head_dim: int, state: int, groups: int, seed: int = 0):
+    """Inputs as the engine passes them: x, B, C and dt views of one projection row per sequence."""
+    g = torch.Generator().manual_seed(seed)
+    width = heads * head_dim + 2 * groups * state + heads
+    projected = torch.randn(batch, width + 3, generator=g)
+    x, B, C, dt, _ = projected.split([heads * head_dim, groups * state, groups * state, heads, 3], dim=-1)
+    dt[0, 0] = 25.0     # past softplus's threshold, where it is the identity
+    dt[-1, -1] = -30.0  # under the lower limit
+    return dict(x=x.view(batch, heads, head_dim), dt=dt, A=-torch.rand(heads, generator=g) * 3,
+                B=B.view(batch, groups, state), C=C.view(batch, groups, state), D=torch.randn(heads, generator=g),
+                dt_bias=torch.randn(heads, generator=g))
+
+
+@pytest.mark.parametrize("heads,head_dim,state,groups", [(8, 24, 16, 1), (16, 8, 12, 4), (4, 64, 128, 2)])
+@pytest.mark.parametrize("slotted", [False, True])
+def test_state_update_matches_ref(heads: int, head_dim: int, state: int, groups: int, slotted: bool) -> None:
+    batch, nslots = 5, 8
+    a = state_inputs(batch, heads, head_dim, state, groups)
+    slots = torch.tensor([6, -1, 2, 0, 3]) if slotted else None
+    before = torch.randn(nslots, heads, head_dim, state, generator=torch.Generator().manual_seed(1))
+    got_state, want_state = before.clone(), before.clone()
+    assert cpu.fits_state_update(got_state, a["x"])
+    kw = dict(slot_idx=slots, dt_limit=(0.01, 4.0))
+    got = kernels.selective_state_update_cpp(got_state, **a, **kw)
+    want = selective_state_update_ref(want_state, **a, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_state, want_state, rtol=1e-5, atol=1e-5)
+    written = set(range(batch)) if slots is None else {s for s in slots.tolist() if s >= 0}
+    for slot in set(range(nslots)) - written:           # padding and unused slots: not a bit changed
+        assert torch.equal(got_state[slot], before[slot])
+    if slotted:
+        assert torch.equal(got[1], torch.zeros_like(got[1]))
+
+
+def test_engine_equals_itself_on_the_references(tiny_model, tokenizer, monkeypatch) -> None:
+    """Where the kernels cannot be built the references run, on the same position-major key cache: the same
+    tokens, log-probabilities within float rounding."""
+    prompts = [tokenizer.encode(t, add_special_tokens=False) for t in ("What is 12 plus 30?", "Name a prime", "a")]
+    params = SamplingParams(max_new_tokens=12, temperature=0)
+    with_kernels = RolloutEngine(tiny_model, tokenizer, max_batch=3, max_length=64).generate(prompts, params)
+    monkeypatch.setattr(cpu, "_built", False)
+    without = RolloutEngine(tiny_model, tokenizer, max_batch=3, max_length=64).generate(prompts, params)
+    assert [c.token_ids for c in with_kernels] == [c.token_ids for c in without]
+    for a, b in zip(with_kernels, without):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5)
+
+
+def test_a_stale_build_lock_is_removed(monkeypatch) -> None:
+    """A lock left by a killed build would make every later build wait forever."""
+    lock = cpu.build_directory() / "lock"
+    lock.touch()
+    old = time.time() - cpu.STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    monkeypatch.setattr(cpu, "_built", None)
+    with pytest.warns(UserWarning, match="did not finish"):
+        assert cpu.build()
+    assert not lock.exists()
