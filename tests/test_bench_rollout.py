@@ -16,9 +16,10 @@ from bench.bench_rollout import engine_at, matrix_products, prefill_share, throu
 from model.configs import reduced
 from model.factory import build_model
 from rollout.engine import RolloutEngine
+from rollout.kernels import cpu
 from rollout.sampling import SamplingParams
 
-PRODUCTS = ("aten::linear", "aten::matmul", "rollout_kernels::decode_attention")
+PRODUCTS = ("aten::linear", "aten::matmul", f"{cpu.NAMESPACE}::decode_attention")
 
 
 def products_of(fn) -> Counter:
@@ -41,19 +42,22 @@ def test_matrix_products_are_those_of_a_decode_step(layout, tokenizer):
         step = products_of(lambda: engine._decode_step(torch.zeros(batch, dtype=torch.long), positions, bias))
     floor = products_of(lambda: matrix_products(engine, batch, length, 1))
     assert floor == step
-    attention = sum(n for (name, _), n in step.items() if name == "rollout_kernels::decode_attention")
+    attention = sum(n for (name, _), n in step.items() if name == f"{cpu.NAMESPACE}::decode_attention")
     assert attention == sum(b.block_type == "full_attention" for b in model.model.layers)   # the C++ kernel, each layer
 
 
 def test_engine_at_imports_the_committed_engine(tmp_path, tiny_model, tokenizer):
     """A repository whose committed rollout package differs from the current one by a class attribute of the
-    engine and by a constant of its kernels: the bench's engine at that commit has both, the current engine
-    neither, and the two generate the same tokens."""
+    engine, a constant of its kernels and the source of its C++ kernels: the bench's engine at that commit
+    has both, the current engine neither, each runs its own C++ kernels, and the two generate the same
+    tokens."""
     shutil.copytree(Path(__file__).parents[1] / "rollout", tmp_path / "rollout",
                     ignore=shutil.ignore_patterns("__pycache__"))
     engine, kernels = tmp_path / "rollout" / "engine.py", tmp_path / "rollout" / "kernels" / "__init__.py"
     engine.write_text(engine.read_text().replace("class RolloutEngine:\n", "class RolloutEngine:\n    committed = True\n", 1))
     kernels.write_text(kernels.read_text() + "\nCOMMITTED = True\n")
+    source = tmp_path / "rollout" / "kernels" / "cpu.py"
+    source.write_text(source.read_text().replace("#include <vector>\n", "#include <vector>\n// committed\n", 1))
     git = ["git", "-C", str(tmp_path), "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
     for args in (["init", "-q"], ["add", "rollout"], ["commit", "-qm", "engine"]):
         subprocess.run(git + args, check=True)
@@ -65,6 +69,8 @@ def test_engine_at_imports_the_committed_engine(tmp_path, tiny_model, tokenizer)
     got, want = (E(tiny_model, tokenizer, max_batch=2, max_length=64).generate(prompts, params)
                  for E in (Committed, RolloutEngine))
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    committed_cpu = Committed.__init__.__globals__["kernels"].cpu
+    assert committed_cpu.NAMESPACE != cpu.NAMESPACE and committed_cpu._built and cpu._built
 
 
 def test_throughput_and_prefill_share_come_from_the_median_time_run():

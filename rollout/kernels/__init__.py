@@ -14,6 +14,7 @@ On CPU, ``decode_attention`` and ``selective_state_update`` have a C++ kernel (`
 ``rollout.kernels.cpu``, compiled by ``build_cpu_kernels``), taken where it fits the tensors (float32), the
 reference otherwise. ``decode_attention`` has no Triton kernel: on a GPU its reference's batched products
 are what the engine runs.
+
 Note that ``rollout.kernels.ssd_scan`` names the dispatcher, which shadows the submodule of the same name:
 reach the submodule's own names with ``from rollout.kernels.ssd_scan import ...``.
 """

@@ -1,7 +1,8 @@
 """C++ kernels of the decode step on CPU, where Triton runs only in its interpreter.
 
-Each is an op of the ``rollout_kernels`` library with the signature of its PyTorch reference, which
-``torch.compile`` calls as one opaque kernel. Both are bound by memory: one pass over what they read.
+Each is an op of one ``torch.library`` namespace (``NAMESPACE``, named after a hash of the source, so that
+two versions of the kernels, as ``bench_rollout --against`` imports them, load side by side) with the
+signature of its PyTorch reference, which ``torch.compile`` calls as one opaque kernel. Both are bound by memory: one pass over what they read.
 
 - ``decode_attention``: one query token per sequence against its KV cache. As two batched matrix products
   with a softmax between them (``decode_attention_ref``), each (sequence, KV head) is a product of a few
@@ -18,12 +19,14 @@ Each is an op of the ``rollout_kernels`` library with the signature of its PyTor
   each (row, head)'s state read, updated and written back in place while its output is summed. Compiled
   from the reference, the new state went to a temporary buffer, was copied into the cache and read again.
 
-They are built with ``torch.utils.cpp_extension`` at first use (about 30 s, then cached on disk), with the
+They are built with ``torch.utils.cpp_extension`` at first use (about 25 s, then cached on disk), with the
 C++ compiler that ``torch.compile`` needs on CPU anyway; where none builds them, the references run.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import platform
 import sys
 import time
@@ -218,25 +221,27 @@ at::Tensor selective_state_update(at::Tensor& state, const at::Tensor& x, const 
   return y;
 }
 
-TORCH_LIBRARY(rollout_kernels, m) {
+TORCH_LIBRARY(NAMESPACE, m) {
   m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor bias, float scale) -> Tensor");
   m.def("selective_state_update(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor D, "
         "Tensor dt_bias, Tensor? slot_idx, float dt_min, float dt_max) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(rollout_kernels, CPU, m) {
+TORCH_LIBRARY_IMPL(NAMESPACE, CPU, m) {
   m.impl("decode_attention", &decode_attention);
   m.impl("selective_state_update", &selective_state_update);
 }
 """
 
+NAMESPACE = "rollout_cpu_" + hashlib.sha1(_SOURCE.encode()).hexdigest()[:10]
+log = logging.getLogger(__name__)
 _built: bool | None = None      # None: not tried yet
-STALE_LOCK_SECONDS = 600        # a build takes about 30 s; a lock this old was left by a killed build
+STALE_LOCK_SECONDS = 600        # a build takes about 25 s; a lock this old was left by a killed build
 
 
 def build_directory() -> Path:
     """Where the library is built and cached: one directory per torch and Python version."""
     version = f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
-    return Path(get_default_build_root()) / f"rollout_cpu_kernels-{version}"
+    return Path(get_default_build_root()) / f"{NAMESPACE}-{version}"
 
 
 def build() -> bool:
@@ -257,11 +262,13 @@ def build() -> bool:
         if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
             warnings.warn(f"removing {lock}, left by a build that did not finish")
             lock.unlink(missing_ok=True)
+        if not any(directory.glob(f"{NAMESPACE}*.so")):
+            log.info("building the C++ kernels for the CPU decode step in %s (once, about 25 s)", directory)
         try:
-            load_inline("rollout_cpu_kernels", cpp_sources=_SOURCE, extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                        build_directory=str(directory), is_python_module=False)
-            torch.library.register_fake("rollout_kernels::decode_attention")(_fake_attention)
-            torch.library.register_fake("rollout_kernels::selective_state_update")(_fake_state_update)
+            load_inline(NAMESPACE, cpp_sources=_SOURCE.replace("NAMESPACE", NAMESPACE), extra_cflags=flags,
+                        extra_ldflags=["-fopenmp"], build_directory=str(directory), is_python_module=False)
+            torch.library.register_fake(f"{NAMESPACE}::decode_attention")(_fake_attention)
+            torch.library.register_fake(f"{NAMESPACE}::selective_state_update")(_fake_state_update)
             _built = True
         except (RuntimeError, OSError) as error:
             warnings.warn(f"the C++ kernels for the CPU could not be built, the references run instead: {error}")
@@ -297,7 +304,7 @@ def fits_state_update(state: torch.Tensor, x: torch.Tensor) -> bool:
 def decode_attention_cpp(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
                          scale: float) -> torch.Tensor:
     """The C++ kernel (``build()`` first); the arguments and result of ``decode_attention_ref``."""
-    return torch.ops.rollout_kernels.decode_attention(q, keys, values, bias, scale)
+    return getattr(torch.ops, NAMESPACE).decode_attention(q, keys, values, bias, scale)
 
 
 def selective_state_update_cpp(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
@@ -306,7 +313,8 @@ def selective_state_update_cpp(state: torch.Tensor, x: torch.Tensor, dt: torch.T
                                dt_limit: tuple[float, float] = (0.0, float("inf"))) -> torch.Tensor:
     """The C++ kernel (``build()`` first); the arguments and result of
     ``rollout.kernels.state_update.selective_state_update_ref``, the state updated in place."""
-    return torch.ops.rollout_kernels.selective_state_update(state, x, dt, A, B, C, D, dt_bias, slot_idx, *dt_limit)
+    return getattr(torch.ops, NAMESPACE).selective_state_update(state, x, dt, A, B, C, D, dt_bias, slot_idx,
+                                                                *dt_limit)
 
 
 def decode_attention_ref(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
