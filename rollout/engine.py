@@ -91,7 +91,7 @@ class StateCache:
                                               dtype=state_dtype)
             elif block.block_type == ATTENTION:
                 shape = (slots, config.num_key_value_heads, max_length, mixer.head_dim)
-                self.keys[i] = (param.new_zeros(shape).transpose(2, 3).contiguous().transpose(2, 3)
+                self.keys[i] = (param.new_zeros(*shape[:2], mixer.head_dim, max_length).transpose(2, 3)
                                 if param.device.type == "cpu" else param.new_zeros(shape))
                 self.values[i] = param.new_zeros(shape)
         self.lengths = torch.zeros(slots, dtype=torch.long, device=param.device)
