@@ -128,3 +128,17 @@ def test_a_stale_build_lock_is_removed(monkeypatch) -> None:
     with pytest.warns(UserWarning, match="did not finish"):
         assert cpu.build()
     assert not lock.exists()
+
+
+def test_a_failed_build_warns_and_leaves_the_references(tmp_path, monkeypatch) -> None:
+    """No writable build directory (here its parent is a file): a warning naming it, and every op takes the
+    reference."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setattr(cpu, "build_directory", lambda: blocker / "build")
+    monkeypatch.setattr(cpu, "_built", None)
+    with pytest.warns(UserWarning, match="could not be built in .*file/build"):
+        assert not cpu.build()
+    q, (keys, values), _, bias = attention_inputs(3, 2, 2, 24, 11)
+    assert not cpu.fits_attention(q, keys)
+    assert not cpu.fits_state_update(torch.zeros(3, 8, 24, 16), torch.zeros(3, 8, 24))

@@ -257,21 +257,22 @@ def build() -> bool:
         if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() != "DEFAULT":
             flags += ["-mavx2", "-mfma"]
         directory = build_directory()
-        directory.mkdir(parents=True, exist_ok=True)
-        lock = directory / "lock"
-        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
-            warnings.warn(f"removing {lock}, left by a build that did not finish")
-            lock.unlink(missing_ok=True)
-        if not any(directory.glob(f"{NAMESPACE}*.so")):
-            log.info("building the C++ kernels for the CPU decode step in %s (once, about 25 s)", directory)
         try:
+            directory.mkdir(parents=True, exist_ok=True)
+            lock = directory / "lock"
+            if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+                warnings.warn(f"removing {lock}, left by a build that did not finish")
+                lock.unlink(missing_ok=True)
+            if not any(directory.glob(f"{NAMESPACE}*.so")):
+                log.info("building the C++ kernels for the CPU decode step in %s (once, about 25 s)", directory)
             load_inline(NAMESPACE, cpp_sources=_SOURCE.replace("NAMESPACE", NAMESPACE), extra_cflags=flags,
                         extra_ldflags=["-fopenmp"], build_directory=str(directory), is_python_module=False)
             torch.library.register_fake(f"{NAMESPACE}::decode_attention")(_fake_attention)
             torch.library.register_fake(f"{NAMESPACE}::selective_state_update")(_fake_state_update)
             _built = True
-        except (RuntimeError, OSError) as error:
-            warnings.warn(f"the C++ kernels for the CPU could not be built, the references run instead: {error}")
+        except (RuntimeError, OSError) as error:     # no compiler, no ninja, no writable build directory
+            warnings.warn(f"the C++ kernels for the CPU could not be built in {directory}, the references run "
+                          f"instead: {error}")
             _built = False
     return _built
 
