@@ -10,10 +10,11 @@ The ``prefill`` column is the share of the engine's time spent in prefill (the p
 their first tokens) in its median run: the part that a faster decode step leaves as it is.
 
 On CPU without stops the bench also times the decode's matrix products alone (``matrix_products``): the
-layers' projections, and the attention over the KV cache as the engine runs it (``kernels.decode_attention``),
-which ``generate()`` runs too, as products. Their throughput over ``generate()``'s is the "ceiling": what a
-decoder that spent no time on anything else (the Mamba recurrence, norms, sampling, the loop) would gain. (On a GPU, launching them one by one is itself
-overhead that CUDA graphs remove, so there they bound nothing and are not timed.)
+layers' projections and the attention over the KV cache, as the engine runs it (``kernels.decode_attention``),
+work that ``generate()`` does too. Their throughput over ``generate()``'s is the "ceiling": what a decoder
+that spent no time on anything else (the Mamba recurrence, norms, sampling, the loop) would gain. (On a
+GPU, launching them one by one is itself overhead that CUDA graphs remove, so there they bound nothing and
+are not timed.)
 
     python -m bench.bench_rollout                                   # tiny layout, batches 1, 16, 64
     python -m bench.bench_rollout --checkpoint runs/tiny/rpo/final  # a trained tiny model, real stops

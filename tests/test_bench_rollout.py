@@ -43,7 +43,7 @@ def test_matrix_products_are_those_of_a_decode_step(layout, tokenizer):
     floor = products_of(lambda: matrix_products(engine, batch, length, 1))
     assert floor == step
     attention = sum(n for (name, _), n in step.items() if name == f"{cpu.NAMESPACE}::decode_attention")
-    assert attention == sum(b.block_type == "full_attention" for b in model.model.layers)   # the C++ kernel, each layer
+    assert attention == sum(b.block_type == "full_attention" for b in model.model.layers)   # the C++ kernel
 
 
 def test_engine_at_imports_the_committed_engine(tmp_path, tiny_model, tokenizer):

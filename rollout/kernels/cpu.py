@@ -2,7 +2,8 @@
 
 Each is an op of one ``torch.library`` namespace (``NAMESPACE``, named after a hash of the source, so that
 two versions of the kernels, as ``bench_rollout --against`` imports them, load side by side) with the
-signature of its PyTorch reference, which ``torch.compile`` calls as one opaque kernel. Both are bound by memory: one pass over what they read.
+signature of its PyTorch reference, which ``torch.compile`` calls as one opaque kernel. Both are bound by
+memory: one pass over what they read.
 
 - ``decode_attention``: one query token per sequence against its KV cache. As two batched matrix products
   with a softmax between them (``decode_attention_ref``), each (sequence, KV head) is a product of a few
