@@ -21,7 +21,6 @@ reach the submodule's own names with ``from rollout.kernels.ssd_scan import ...`
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, TypeVar
 
 from rollout.kernels.conv1d import causal_conv1d as causal_conv1d_triton
@@ -41,36 +40,31 @@ from rollout.kernels.state_update import selective_state_update_ref
 Op = TypeVar("Op", bound=Callable[..., Any])
 
 
-def _by_device(triton_op: Op, ref: Op) -> Op:
-    """``triton_op`` for CUDA tensors, ``ref`` otherwise, chosen by the first argument's device."""
-    @functools.wraps(triton_op)
+def _dispatch(ref: Op, triton_op: Op | None = None, cpp: Op | None = None,
+              fits: Callable[[Any, Any], bool] | None = None) -> Op:
+    """The public op: ``cpp`` where ``fits`` takes its first two arguments (the C++ kernel is built and
+    the tensors are of its kind), else ``triton_op`` for CUDA tensors, else ``ref``."""
     def op(*args: Any, **kwargs: Any) -> Any:
-        return (triton_op if args[0].is_cuda else ref)(*args, **kwargs)
+        if cpp is not None and fits(*args[:2]):
+            return cpp(*args, **kwargs)
+        return (triton_op if triton_op is not None and args[0].is_cuda else ref)(*args, **kwargs)
 
+    op.__name__ = op.__qualname__ = ref.__name__.removesuffix("_ref")
     op.__module__ = __name__
-    op.__doc__ = f"``{op.__name__}_triton`` on CUDA tensors, ``{ref.__name__}`` otherwise.\n\n{ref.__doc__}"
+    paths = ([f"``{op.__name__}_cpp`` where it fits the tensors"] if cpp is not None else []) + (
+        [f"``{op.__name__}_triton`` on CUDA tensors"] if triton_op is not None else [])
+    op.__doc__ = f"{', '.join(paths)}, ``{ref.__name__}`` otherwise.\n\n{ref.__doc__}"
     return op  # type: ignore[return-value]
 
 
-ssd_scan = _by_device(ssd_scan_triton, ssd_scan_ref)
-_selective_state_update = _by_device(selective_state_update_triton, selective_state_update_ref)
-causal_conv1d = _by_device(causal_conv1d_triton, causal_conv1d_ref)
-causal_conv1d_update = _by_device(causal_conv1d_update_triton, causal_conv1d_update_ref)
-rms_norm = _by_device(rms_norm_triton, rms_norm_ref)
-gated_rms_norm = _by_device(gated_rms_norm_triton, gated_rms_norm_ref)
-
-
-def selective_state_update(state: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
-    """``selective_state_update_cpp`` where it fits the tensors (built, float32 on CPU), else
-    ``selective_state_update_triton`` on CUDA tensors and ``selective_state_update_ref`` otherwise."""
-    op = selective_state_update_cpp if fits_state_update(state, x) else _selective_state_update
-    return op(state, x, *args, **kwargs)
-
-
-def decode_attention(q: Any, keys: Any, values: Any, bias: Any, scale: float) -> Any:
-    """``decode_attention_cpp`` where it fits the tensors (built, float32 on CPU, keys with contiguous
-    positions), ``decode_attention_ref`` otherwise."""
-    return (decode_attention_cpp if fits_attention(q, keys) else decode_attention_ref)(q, keys, values, bias, scale)
+ssd_scan = _dispatch(ssd_scan_ref, ssd_scan_triton)
+selective_state_update = _dispatch(selective_state_update_ref, selective_state_update_triton,
+                                   selective_state_update_cpp, fits_state_update)
+causal_conv1d = _dispatch(causal_conv1d_ref, causal_conv1d_triton)
+causal_conv1d_update = _dispatch(causal_conv1d_update_ref, causal_conv1d_update_triton)
+rms_norm = _dispatch(rms_norm_ref, rms_norm_triton)
+gated_rms_norm = _dispatch(gated_rms_norm_ref, gated_rms_norm_triton)
+decode_attention = _dispatch(decode_attention_ref, cpp=decode_attention_cpp, fits=fits_attention)
 
 
 __all__ = [
