@@ -610,7 +610,14 @@ class RolloutEngine:
 
     def _mamba_step(self, i: int, mixer: Any, x: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
-        gate, xbc, dt = self._mamba_split(mixer, mixer.in_proj(x))
+        projected = mixer.in_proj(x)
+        if kernels.fits_mamba_step(projected, self.cache.ssm[i]):
+            y = kernels.mamba_step_cpp(projected, self.cache.conv[i].transpose(1, 2), self.taps[i], mixer.conv1d.bias,
+                                       self.cache.ssm[i], self.decay[i], mixer.D, mixer.dt_bias, mixer.norm.weight,
+                                       eps=mixer.norm.variance_epsilon, group_size=mixer.norm.group_size,
+                                       dt_limit=mixer.time_step_limit)
+            return mixer.out_proj(y)
+        gate, xbc, dt = self._mamba_split(mixer, projected)
         xbc = kernels.causal_conv1d_update(xbc, self.cache.conv[i], self.taps[i].t(), mixer.conv1d.bias,
                                            slot_idx=None)
         xs, B, C = self._ssm_inputs(mixer, xbc)

@@ -105,6 +105,45 @@ def test_state_update_matches_ref(heads: int, head_dim: int, state: int, groups:
         assert torch.equal(got[1], torch.zeros_like(got[1]))
 
 
+def mamba_step_inputs(batch: int, heads: int, head_dim: int, state: int, groups: int, bias: bool) -> dict:
+    """A Mamba layer's in_proj output and states in more slots than rows, conv width 4; dt of row 0 head 0 past
+    softplus's threshold, of the last row's last head under the lower limit."""
+    g = torch.Generator().manual_seed(2)
+    inner, slots = heads * head_dim, batch + 2
+    conv_dim = inner + 2 * groups * state
+    projected = torch.randn(batch, inner + conv_dim + heads, generator=g)
+    projected[0, inner + conv_dim] = 25.0
+    projected[-1, -1] = -30.0
+    return dict(projected=projected, conv_state=torch.randn(slots, 3, conv_dim, generator=g),
+                conv_weight=torch.randn(4, conv_dim, generator=g) / 2,
+                conv_bias=torch.randn(conv_dim, generator=g) if bias else None,
+                ssm_state=torch.randn(slots, heads, head_dim, state, generator=g),
+                A=-torch.rand(heads, generator=g) * 3, D=torch.randn(heads, generator=g),
+                dt_bias=torch.randn(heads, generator=g), norm_weight=torch.randn(inner, generator=g))
+
+
+@pytest.mark.parametrize("heads,head_dim,state,groups,group_size,bias", [
+    (8, 24, 16, 1, 192, True),      # the tiny model
+    (16, 8, 12, 4, 32, False),      # several groups of B and C, of the norm, and no conv bias
+    (4, 64, 128, 2, 128, True),     # Nemotron-H-8B's head dim and state
+])
+def test_mamba_step_matches_ref(heads: int, head_dim: int, state: int, groups: int, group_size: int,
+                                bias: bool) -> None:
+    """Output, both states in place, and the slots past the batch untouched."""
+    batch = 5
+    got = mamba_step_inputs(batch, heads, head_dim, state, groups, bias)
+    want = {k: None if v is None else v.clone() for k, v in got.items()}
+    before = {k: got[k].clone() for k in ("conv_state", "ssm_state")}
+    assert kernels.fits_mamba_step(got["projected"], got["ssm_state"])
+    kw = dict(eps=1e-5, group_size=group_size, dt_limit=(0.01, 4.0))
+    out = kernels.mamba_step_cpp(**got, **kw)
+    torch.testing.assert_close(out, kernels.mamba_step_ref(**want, **kw), rtol=1e-5, atol=1e-5)
+    for name in ("conv_state", "ssm_state"):
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5)
+        assert not torch.equal(got[name][:batch], before[name][:batch])
+        assert torch.equal(got[name][batch:], before[name][batch:])
+
+
 def test_engine_equals_itself_on_the_references(tiny_model, tokenizer, monkeypatch) -> None:
     """Where the kernels cannot be built the references run, on the same position-major key cache: the same
     tokens, log-probabilities within float rounding."""
@@ -142,3 +181,4 @@ def test_a_failed_build_warns_and_leaves_the_references(tmp_path, monkeypatch) -
     q, (keys, values), _, bias = attention_inputs(3, 2, 2, 24, 11)
     assert not cpu.fits_attention(q, keys)
     assert not cpu.fits_state_update(torch.zeros(3, 8, 24, 16), torch.zeros(3, 8, 24))
+    assert not cpu.fits_mamba_step(torch.zeros(3, 424), torch.zeros(3, 8, 24, 16))

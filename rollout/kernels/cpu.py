@@ -2,8 +2,8 @@
 
 Each is an op of one ``torch.library`` namespace (``NAMESPACE``, named after a hash of the source, so that
 two versions of the kernels, as ``bench_rollout --against`` imports them, load side by side) with the
-signature of its PyTorch reference, which ``torch.compile`` calls as one opaque kernel. Both are bound by
-memory: one pass over what they read.
+signature of its PyTorch reference, which ``torch.compile`` calls as one opaque kernel, one pass over what
+it reads.
 
 - ``decode_attention``: one query token per sequence against its KV cache. As two batched matrix products
   with a softmax between them (``decode_attention_ref``), each (sequence, KV head) is a product of a few
@@ -19,6 +19,9 @@ memory: one pass over what they read.
 - ``selective_state_update``: the Mamba-2 recurrent step (``rollout.kernels.state_update``'s reference),
   each (row, head)'s state read, updated and written back in place while its output is summed. Compiled
   from the reference, the new state went to a temporary buffer, was copied into the cache and read again.
+- ``mamba_step``: all of a Mamba layer's decode step between its two projections, one task per row: the
+  conv update, the recurrent step of every head, the gated RMS norm. Compiled, the conv and the norm were
+  loops that Inductor ran on one thread at the tiny model's sizes while the other thread waited.
 
 They are built with ``torch.utils.cpp_extension`` at first use (about 25 s, then cached on disk), with the
 C++ compiler that ``torch.compile`` needs on CPU anyway; where none builds them, the references run.
@@ -37,6 +40,10 @@ from typing import Any
 
 import torch
 from torch.utils.cpp_extension import get_default_build_root, load_inline
+
+from rollout.kernels.conv1d import causal_conv1d_update_ref
+from rollout.kernels.rms_norm import gated_rms_norm_ref
+from rollout.kernels.state_update import selective_state_update_ref
 
 _SOURCE = r"""
 #if defined(__AVX2__) && defined(__FMA__)
@@ -173,6 +180,25 @@ inline float discretize_dt(float dt, float lo, float hi) {
   return std::min(std::max(x, lo), hi);
 }
 
+// One (row, head) of the recurrent step: each of the head's `dim` state rows of n read, decayed, fed the
+// input and written back in place while its dot product with C is summed; out[p] = that sum + Dh * x[p].
+inline void update_head(float* rows, const float* xh, const float* Bg, const float* Cg, float step, float a,
+                        float Dh, int64_t dim, int64_t n, float* out) {
+  const Vec decay(std::exp(step * a));
+  for (int64_t p = 0; p < dim; ++p) {
+    float* row = rows + p * n;
+    const Vec inflow(step * xh[p]);
+    Vec sum(0.f);
+    for (int64_t k = 0; k < n; k += W) {
+      const int64_t m = std::min(W, n - k);
+      const Vec updated = at::vec::fmadd(Vec::loadu(row + k, m), decay, inflow * Vec::loadu(Bg + k, m));
+      updated.store(row + k, m);
+      sum = at::vec::fmadd(updated, Vec::loadu(Cg + k, m), sum);  // loadu with a count zero-fills the rest
+    }
+    out[p] = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, sum) + Dh * xh[p];
+  }
+}
+
 at::Tensor selective_state_update(at::Tensor& state, const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A,
                                   const at::Tensor& B, const at::Tensor& C, const at::Tensor& D,
                                   const at::Tensor& dt_bias, const c10::optional<at::Tensor>& slot_idx,
@@ -199,23 +225,83 @@ at::Tensor selective_state_update(at::Tensor& state, const at::Tensor& x, const 
         std::fill(out, out + dim, 0.f);
         continue;
       }
-      const float step = discretize_dt(dtp[b * dt.stride(0) + h * dt.stride(1)] + biasp[h], dt_min, dt_max);
-      const Vec decay(std::exp(step * ap[h]));
-      const float* Bg = bp + b * B.stride(0) + g * B.stride(1);
-      const float* Cg = cp + b * C.stride(0) + g * C.stride(1);
-      const float* xh = xp + b * x.stride(0) + h * x.stride(1);
-      float* rows = sp + slot * state.stride(0) + h * state.stride(1);
-      for (int64_t p = 0; p < dim; ++p) {
-        float* row = rows + p * n;
-        const Vec inflow(step * xh[p]);
-        Vec sum(0.f);
-        for (int64_t k = 0; k < n; k += W) {
-          const int64_t m = std::min(W, n - k);
-          const Vec updated = at::vec::fmadd(Vec::loadu(row + k, m), decay, inflow * Vec::loadu(Bg + k, m));
-          updated.store(row + k, m);
-          sum = at::vec::fmadd(updated, Vec::loadu(Cg + k, m), sum);  // loadu with a count zero-fills the rest
+      update_head(sp + slot * state.stride(0) + h * state.stride(1), xp + b * x.stride(0) + h * x.stride(1),
+                  bp + b * B.stride(0) + g * B.stride(1), cp + b * C.stride(0) + g * C.stride(1),
+                  discretize_dt(dtp[b * dt.stride(0) + h * dt.stride(1)] + biasp[h], dt_min, dt_max), ap[h], dp[h],
+                  dim, n, out);
+    }
+  });
+  return y;
+}
+
+// x / (1 + exp(-x))
+inline Vec silu(const Vec& x) { return x / (Vec(1.f) + x.neg().exp_u20()); }
+
+// One token of a Mamba-2 mixer between its two projections, row b in state slot b: the conv over the last
+// `width` inputs (conv_state [slots, width - 1, conv_dim] tap-major, shifted in place) and its SiLU, the
+// recurrent step of every head (ssm_state [slots, heads, dim, n], in place), and the gated RMS norm of the
+// result with the gate. `projected` [batch, inner + conv_dim + heads] is in_proj's output: gate, conv input
+// x|B|C, dt. Each row is one task, start to end in L1.
+at::Tensor mamba_step(const at::Tensor& projected, at::Tensor& conv_state, const at::Tensor& conv_weight,
+                      const c10::optional<at::Tensor>& conv_bias, at::Tensor& ssm_state, const at::Tensor& A,
+                      const at::Tensor& D, const at::Tensor& dt_bias, const at::Tensor& norm_weight, double eps,
+                      int64_t group_size, double dt_min, double dt_max) {
+  const int64_t batch = projected.size(0), heads = ssm_state.size(1), dim = ssm_state.size(2), n = ssm_state.size(3);
+  const int64_t taps = conv_state.size(1), conv_dim = conv_state.size(2), inner = heads * dim;
+  const int64_t groups = (conv_dim - inner) / (2 * n), per_group = heads / groups;
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&projected, &conv_state, &conv_weight, &ssm_state,
+                                                                      &A, &D, &dt_bias, &norm_weight})
+    TORCH_CHECK(t->scalar_type() == at::kFloat, "mamba_step: float32 only");
+  TORCH_CHECK(taps >= 1 && projected.size(1) == inner + conv_dim + heads && projected.stride(1) == 1 &&
+              conv_state.stride(2) == 1 && conv_state.stride(1) == conv_dim && conv_weight.is_contiguous() &&
+              conv_weight.size(0) == taps + 1 && ssm_state.stride(3) == 1 && ssm_state.stride(2) == n &&
+              ssm_state.stride(1) == dim * n && A.is_contiguous() && D.is_contiguous() && dt_bias.is_contiguous() &&
+              norm_weight.is_contiguous() && inner % group_size == 0 && group_size % W == 0 &&
+              (!conv_bias.has_value() || conv_bias->is_contiguous()),
+              "mamba_step: in_proj's output, tap-major conv state and weight, contiguous state rows and vectors");
+  at::Tensor y = at::empty({batch, inner}, projected.options());
+  const float *pp = projected.data_ptr<float>(), *wp = conv_weight.data_ptr<float>(), *ap = A.data_ptr<float>();
+  const float *dp = D.data_ptr<float>(), *biasp = dt_bias.data_ptr<float>(), *np = norm_weight.data_ptr<float>();
+  const float* cbp = conv_bias.has_value() ? conv_bias->data_ptr<float>() : nullptr;
+  float *csp = conv_state.data_ptr<float>(), *ssp = ssm_state.data_ptr<float>(), *yp = y.data_ptr<float>();
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> xbc(conv_dim);
+    for (int64_t b = begin; b < end; ++b) {
+      const float* gate = pp + b * projected.stride(0);
+      const float* input = gate + inner;
+      float* window = csp + b * conv_state.stride(0);
+      for (int64_t c = 0; c < conv_dim; c += W) {  // the conv, W channels at a time
+        const int64_t m = std::min(W, conv_dim - c);
+        Vec acc(0.f), next = Vec::loadu(window + c, m);
+        for (int64_t k = 0; k < taps; ++k) {
+          const Vec tap = next;
+          next = Vec::loadu((k + 1 < taps ? window + (k + 1) * conv_dim : input) + c, m);
+          acc = k == 0 ? tap * Vec::loadu(wp + c, m) : at::vec::fmadd(tap, Vec::loadu(wp + k * conv_dim + c, m), acc);
+          next.store(window + k * conv_dim + c, m);  // the window shifts by one
         }
-        out[p] = at::vec::vec_reduce_all<float>([](Vec& a, Vec& c) { return a + c; }, sum) + dp[h] * xh[p];
+        acc = at::vec::fmadd(next, Vec::loadu(wp + taps * conv_dim + c, m), acc);
+        if (cbp) acc = acc + Vec::loadu(cbp + c, m);
+        silu(acc).store(xbc.data() + c, m);
+      }
+      float* out = yp + b * inner;
+      const float* dtp = input + conv_dim;
+      for (int64_t h = 0; h < heads; ++h) {
+        const int64_t g = h / per_group;
+        update_head(ssp + b * ssm_state.stride(0) + h * ssm_state.stride(1), xbc.data() + h * dim,
+                    xbc.data() + inner + g * n, xbc.data() + inner + (groups + g) * n,
+                    discretize_dt(dtp[h] + biasp[h], dt_min, dt_max), ap[h], dp[h], dim, n, out + h * dim);
+      }
+      for (int64_t first = 0; first < inner; first += group_size) {  // the gated RMS norm, group by group
+        Vec squares(0.f);
+        for (int64_t c = first; c < first + group_size; c += W) {
+          const Vec h = Vec::loadu(out + c) * silu(Vec::loadu(gate + c));
+          h.store(out + c);
+          squares = at::vec::fmadd(h, h, squares);
+        }
+        const float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, squares);
+        const Vec scale(1.f / std::sqrt(sum / group_size + static_cast<float>(eps)));
+        for (int64_t c = first; c < first + group_size; c += W)
+          (Vec::loadu(np + c) * (Vec::loadu(out + c) * scale)).store(out + c);
       }
     }
   });
@@ -226,10 +312,14 @@ TORCH_LIBRARY(NAMESPACE, m) {
   m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor bias, float scale) -> Tensor");
   m.def("selective_state_update(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor D, "
         "Tensor dt_bias, Tensor? slot_idx, float dt_min, float dt_max) -> Tensor");
+  m.def("mamba_step(Tensor projected, Tensor(a!) conv_state, Tensor conv_weight, Tensor? conv_bias, "
+        "Tensor(b!) ssm_state, Tensor A, Tensor D, Tensor dt_bias, Tensor norm_weight, float eps, int group_size, "
+        "float dt_min, float dt_max) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(NAMESPACE, CPU, m) {
   m.impl("decode_attention", &decode_attention);
   m.impl("selective_state_update", &selective_state_update);
+  m.impl("mamba_step", &mamba_step);
 }
 """
 
@@ -270,6 +360,7 @@ def build() -> bool:
                         extra_ldflags=["-fopenmp"], build_directory=str(directory), is_python_module=False)
             torch.library.register_fake(f"{NAMESPACE}::decode_attention")(_fake_attention)
             torch.library.register_fake(f"{NAMESPACE}::selective_state_update")(_fake_state_update)
+            torch.library.register_fake(f"{NAMESPACE}::mamba_step")(_fake_mamba_step)
             _built = True
         except (RuntimeError, OSError) as error:     # no compiler, no ninja, no writable build directory
             warnings.warn(f"the C++ kernels for the CPU could not be built in {directory}, the references run "
@@ -285,6 +376,11 @@ def _fake_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, b
 
 def _fake_state_update(state: torch.Tensor, x: torch.Tensor, *args: Any) -> torch.Tensor:
     return x.new_empty(x.shape)
+
+
+def _fake_mamba_step(projected: torch.Tensor, conv_state: torch.Tensor, conv_weight: torch.Tensor,
+                     conv_bias: torch.Tensor | None, ssm_state: torch.Tensor, *args: Any) -> torch.Tensor:
+    return projected.new_empty(projected.shape[0], ssm_state.shape[1] * ssm_state.shape[2])
 
 
 def _cpu_float32(*tensors: torch.Tensor) -> bool:
@@ -303,6 +399,12 @@ def fits_state_update(state: torch.Tensor, x: torch.Tensor) -> bool:
     return _cpu_float32(state, x) and state.stride(3) == 1 and state.stride(2) == state.shape[3]
 
 
+def fits_mamba_step(projected: torch.Tensor, ssm_state: torch.Tensor) -> bool:
+    """Whether ``mamba_step_cpp`` takes these tensors: built, float32 on CPU (the rest must then be float32
+    too), the state's rows contiguous."""
+    return fits_state_update(ssm_state, projected)
+
+
 def decode_attention_cpp(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
                          scale: float) -> torch.Tensor:
     """The C++ kernel (``build()`` first); the arguments and result of ``decode_attention_ref``."""
@@ -317,6 +419,41 @@ def selective_state_update_cpp(state: torch.Tensor, x: torch.Tensor, dt: torch.T
     ``rollout.kernels.state_update.selective_state_update_ref``, the state updated in place."""
     return getattr(torch.ops, NAMESPACE).selective_state_update(state, x, dt, A, B, C, D, dt_bias, slot_idx,
                                                                 *dt_limit)
+
+
+def mamba_step_cpp(projected: torch.Tensor, conv_state: torch.Tensor, conv_weight: torch.Tensor,
+                   conv_bias: torch.Tensor | None, ssm_state: torch.Tensor, A: torch.Tensor, D: torch.Tensor,
+                   dt_bias: torch.Tensor, norm_weight: torch.Tensor, *, eps: float, group_size: int,
+                   dt_limit: tuple[float, float] = (0.0, float("inf"))) -> torch.Tensor:
+    """The C++ kernel (``build()`` first); the arguments and result of ``mamba_step_ref``, both states updated
+    in place. It needs the conv state and weight contiguous, the norm's groups a multiple of 8 channels."""
+    return getattr(torch.ops, NAMESPACE).mamba_step(projected, conv_state, conv_weight, conv_bias, ssm_state, A, D,
+                                                    dt_bias, norm_weight, eps, group_size, *dt_limit)
+
+
+def mamba_step_ref(projected: torch.Tensor, conv_state: torch.Tensor, conv_weight: torch.Tensor,
+                   conv_bias: torch.Tensor | None, ssm_state: torch.Tensor, A: torch.Tensor, D: torch.Tensor,
+                   dt_bias: torch.Tensor, norm_weight: torch.Tensor, *, eps: float, group_size: int,
+                   dt_limit: tuple[float, float] = (0.0, float("inf"))) -> torch.Tensor:
+    """One token per sequence through a Mamba-2 mixer between its two projections, row i in state slot i: the
+    conv update, the recurrent step, the gated RMS norm (the references of ``causal_conv1d_update``,
+    ``selective_state_update`` and ``gated_rms_norm``, in turn).
+
+    projected: [batch, inner + conv_dim + heads], in_proj's output (gate | conv input x, B, C | dt), inner =
+    heads * head_dim and conv_dim = inner + 2 * groups * n; conv_state: [slots, width - 1, conv_dim], tap-major,
+    shifted in place; conv_weight: [width, conv_dim], tap-major; conv_bias: [conv_dim] or None; ssm_state:
+    [slots, heads, head_dim, n], updated in place; A, D, dt_bias: [heads]; norm_weight: [inner], normalized
+    in groups of ``group_size`` channels. Returns [batch, inner], out_proj's input.
+    """
+    batch = projected.shape[0]
+    heads, head_dim, n = ssm_state.shape[1:]
+    inner, conv_dim = heads * head_dim, conv_state.shape[2]
+    gate, xbc, dt = projected.split([inner, conv_dim, heads], dim=-1)
+    xbc = causal_conv1d_update_ref(xbc, conv_state.transpose(1, 2), conv_weight.t(), conv_bias, slot_idx=None)
+    x, B, C = xbc.split([inner, (conv_dim - inner) // 2, (conv_dim - inner) // 2], dim=-1)
+    y = selective_state_update_ref(ssm_state, x.reshape(batch, heads, head_dim), dt, A, B.reshape(batch, -1, n),
+                                   C.reshape(batch, -1, n), D, dt_bias, slot_idx=None, dt_limit=dt_limit)
+    return gated_rms_norm_ref(y.reshape(batch, inner), gate, norm_weight, eps=eps, group_size=group_size)
 
 
 def decode_attention_ref(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
