@@ -66,22 +66,22 @@ def engine_generate(engine: RolloutEngine, prompts: list[list[int]], new_tokens:
 def matrix_products(engine: RolloutEngine, batch: int, prompt_length: int, new_tokens: int) -> int:
     """Run only the matrix products of greedy decoding ``new_tokens`` for ``batch`` prompts padded to
     ``prompt_length``: per step, every layer's projections and, in attention layers, the attention over the
-    KV span the step reads (the engine's cache, at its size, through ``kernels.decode_attention``). The
+    KV span the step reads, the step's keys and values written first (the engine's cache, at its size,
+    through ``kernels.decode_attention``). The
     inputs are zeros: the products' cost does not depend on their values. Returns the tokens such a decode
     writes."""
     model, cache = engine.model, engine.cache
     x = torch.zeros(batch, model.config.hidden_size, device=engine.device, dtype=model.dtype)
     for span in range(prompt_length + 1, prompt_length + new_tokens + 1):
-        bias = x.new_zeros(batch, span)
+        bias, positions = x.new_zeros(batch, span), torch.full((batch,), span - 1, device=engine.device)
         for i, block in enumerate(model.model.layers):
             mixer = block.mixer
             if block.block_type == MAMBA:
                 mixer.out_proj(mixer.in_proj(x)[:, : mixer.intermediate_size])
             elif block.block_type == ATTENTION:
-                keys, values = cache.keys[i][:batch, :, :span], cache.values[i][:batch, :, :span]
-                q = mixer.q_proj(x).view(batch, -1, mixer.head_dim)
-                mixer.k_proj(x), mixer.v_proj(x)
-                mixer.o_proj(kernels.decode_attention(q, keys, values, bias, mixer.scaling).flatten(1))
+                q, k, v = (p(x).view(batch, -1, mixer.head_dim) for p in (mixer.q_proj, mixer.k_proj, mixer.v_proj))
+                out = kernels.decode_attention(q, cache.keys[i], cache.values[i], bias, mixer.scaling, k, v, positions)
+                mixer.o_proj(out.flatten(1))
             else:
                 mixer(x)
         model.lm_head(x)

@@ -559,10 +559,9 @@ class RolloutEngine:
     def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """The model on one token per sequence, reading and writing the first rows of the cache in place;
         ``bias`` [batch, span] is the attention mask of ``_attention_bias``."""
-        rows = torch.arange(tokens.shape[0], device=tokens.device)
         hidden = self._layers(self.model.model.embeddings(tokens),
                               lambda i, mixer, x: self._mamba_step(i, mixer, x),
-                              lambda i, attn, x: self._attention_step(i, attn, x, rows, positions, bias))
+                              lambda i, attn, x: self._attention_step(i, attn, x, positions, bias))
         return self._logits(hidden)
 
     def _layers(self, hidden: torch.Tensor, mamba: Any, attention: Any,
@@ -654,16 +653,11 @@ class RolloutEngine:
                 q[run], k[run], v[run], is_causal=True, scale=attn.scaling, enable_gqa=True).transpose(1, 2)
         return attn.o_proj(layout.unpad(out.flatten(2)))
 
-    def _attention_step(self, i: int, attn: Any, x: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+    def _attention_step(self, i: int, attn: Any, x: torch.Tensor, positions: torch.Tensor,
                         bias: torch.Tensor) -> torch.Tensor:
-        """One token per sequence, row i in cache slot i (``rows``: 0..batch-1); ``bias`` [batch, span] is
-        the attention mask of ``_attention_bias``."""
+        """One token per sequence, row i in cache slot i, its key and value written at its position; ``bias``
+        [batch, span] is the attention mask of ``_attention_bias``."""
         q, k, v = (p(x).unflatten(-1, (-1, attn.head_dim)) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-        batch, span = bias.shape
-        keys, values = self.cache.keys[i], self.cache.values[i]
-        # Written through the cache tensor, not a view of its first rows: a compiled step would copy the
-        # whole cache back after writing into such a view.
-        keys[rows, :, positions] = k
-        values[rows, :, positions] = v
-        out = kernels.decode_attention(q, keys[:batch, :, :span], values[:batch, :, :span], bias, attn.scaling)
+        out = kernels.decode_attention(q, self.cache.keys[i], self.cache.values[i], bias, attn.scaling, k, v,
+                                       positions)
         return attn.o_proj(out.flatten(1))

@@ -117,14 +117,13 @@ class PiecewiseDecode:
         tokens, positions = F.pad(tokens, (0, pad)), F.pad(positions, (0, pad))
         bias = torch.cat([bias, bias.new_full((pad, bias.shape[1]), float("-inf"))])
         bias[n:, 0] = 0
-        rows = torch.arange(size, device=tokens.device)
         x = tokens
         for index, step in enumerate(self.steps):
             if isinstance(step, Stretch):
                 x = self.graphs[size, index](x) if self.capture else self._stretch(x, step)
             else:
                 x = self.engine._layers(x, None, lambda i, attn, h: self.engine._attention_step(
-                    i, attn, h, rows, positions, bias), layers=[step])
+                    i, attn, h, positions, bias), layers=[step])
         return x[:n].clone() if self.capture else x[:n]
 
     def _stretch(self, x: torch.Tensor, stretch: Stretch) -> torch.Tensor:

@@ -46,12 +46,27 @@ def attention_inputs(batch: int, kv_heads: int, group: int, head_dim: int, span:
     (2, 3, 8, 8),
     (1, 1, 16, 1),
 ])
-def test_decode_attention_matches_ref(kv_heads: int, group: int, head_dim: int, span: int) -> None:
+@pytest.mark.parametrize("write", [False, True])
+def test_decode_attention_matches_ref(kv_heads: int, group: int, head_dim: int, span: int, write: bool) -> None:
+    """With ``write``, each row's key and value at its last unmasked position come from the step's k and v,
+    written into the cache first."""
     q, (keys, values), (poisoned_keys, poisoned_values), bias = attention_inputs(5, kv_heads, group, head_dim, span)
     assert cpu.fits_attention(q, keys)
-    want = kernels.decode_attention_ref(q, keys, values, bias, head_dim ** -0.5)
-    got = kernels.decode_attention_cpp(q, poisoned_keys, poisoned_values, bias, head_dim ** -0.5)
+    new = {}
+    if write:
+        g = torch.Generator().manual_seed(3)
+        last = span - 1 - bias.flip(1).isfinite().int().argmax(1)
+        new = dict(k=torch.randn(5, kv_heads, head_dim, generator=g), v=torch.randn(5, kv_heads, head_dim, generator=g),
+                   positions=last)
+    want = kernels.decode_attention_ref(q, keys, values, bias, head_dim ** -0.5, **new)
+    got = kernels.decode_attention_cpp(q, poisoned_keys, poisoned_values, bias, head_dim ** -0.5, **new)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if write:
+        rows = torch.arange(5)
+        for cache in (keys, poisoned_keys):
+            assert torch.equal(cache[rows, :, new["positions"]], new["k"])
+        for cache in (values, poisoned_values):
+            assert torch.equal(cache[rows, :, new["positions"]], new["v"])
 
 
 def test_decode_attention_dispatch() -> None:

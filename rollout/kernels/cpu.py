@@ -137,25 +137,41 @@ HeadFn head_fn(int64_t G, int64_t C) {
 
 constexpr int64_t MAX_GROUP = 4;  // more query heads per KV head run in groups of at most 4
 
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
-                            const at::Tensor& bias, double scale) {
+at::Tensor decode_attention(const at::Tensor& q, at::Tensor& keys, at::Tensor& values, const at::Tensor& bias,
+                            double scale, const c10::optional<at::Tensor>& k, const c10::optional<at::Tensor>& v,
+                            const c10::optional<at::Tensor>& positions) {
   const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2), kv_heads = keys.size(1);
-  const int64_t span = keys.size(2), group = heads / kv_heads;
-  TORCH_CHECK(q.scalar_type() == at::kFloat && keys.scalar_type() == at::kFloat &&
-              values.scalar_type() == at::kFloat && bias.scalar_type() == at::kFloat, "decode_attention: float32 only");
-  TORCH_CHECK(keys.stride(2) == 1 && values.stride(3) == 1 && bias.stride(1) == 1 && dim % W == 0,
+  const int64_t span = bias.size(1), group = heads / kv_heads;
+  const bool write = k.has_value();
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &keys, &values, &bias})
+    TORCH_CHECK(t->scalar_type() == at::kFloat, "decode_attention: float32 only");
+  TORCH_CHECK(keys.stride(2) == 1 && values.stride(3) == 1 && bias.stride(1) == 1 && dim % W == 0 &&
+              keys.size(0) >= batch && keys.size(2) >= span && values.size(0) >= batch && values.size(2) >= span,
               "decode_attention: keys need contiguous positions, values and bias contiguous last dims");
+  TORCH_CHECK(!write || (v.has_value() && positions.has_value() && k->scalar_type() == at::kFloat &&
+                         v->scalar_type() == at::kFloat && positions->scalar_type() == at::kLong),
+              "decode_attention: k, v (float32) and positions (int64) together");
   const at::Tensor query = q.contiguous();
+  const at::Tensor new_k = write ? k->contiguous() : at::Tensor(), new_v = write ? v->contiguous() : at::Tensor();
+  const at::Tensor at_pos = write ? positions->contiguous() : at::Tensor();
   at::Tensor out = at::empty({batch, heads, dim}, q.options());
   const float* qp = query.data_ptr<float>();
-  const float* kp = keys.data_ptr<float>();
-  const float* vp = values.data_ptr<float>();
+  float* kp = keys.data_ptr<float>();
+  float* vp = values.data_ptr<float>();
   const float* bp = bias.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> s(MAX_GROUP * (span + W));
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / kv_heads, h = i % kv_heads;
+      if (write) {  // this step's key and value, at the row's position
+        const int64_t at = at_pos.data_ptr<int64_t>()[b];
+        const float *nk = new_k.data_ptr<float>() + i * dim, *nv = new_v.data_ptr<float>() + i * dim;
+        float* K = kp + b * keys.stride(0) + h * keys.stride(1) + at;
+        float* V = vp + b * values.stride(0) + h * values.stride(1) + at * values.stride(2);
+        for (int64_t d = 0; d < dim; ++d) K[d * keys.stride(3)] = nk[d];
+        std::copy(nv, nv + dim, V);
+      }
       const float* row_bias = bp + b * bias.stride(0);
       int64_t n = span;  // positions past the last unmasked one are not read
       while (n > 0 && std::isinf(row_bias[n - 1]) && row_bias[n - 1] < 0) --n;
@@ -309,7 +325,8 @@ at::Tensor mamba_step(const at::Tensor& projected, at::Tensor& conv_state, const
 }
 
 TORCH_LIBRARY(NAMESPACE, m) {
-  m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor bias, float scale) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor(a!) keys, Tensor(b!) values, Tensor bias, float scale, Tensor? k, "
+        "Tensor? v, Tensor? positions) -> Tensor");
   m.def("selective_state_update(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor D, "
         "Tensor dt_bias, Tensor? slot_idx, float dt_min, float dt_max) -> Tensor");
   m.def("mamba_step(Tensor projected, Tensor(a!) conv_state, Tensor conv_weight, Tensor? conv_bias, "
@@ -369,8 +386,7 @@ def build() -> bool:
     return _built
 
 
-def _fake_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
-                    scale: float) -> torch.Tensor:
+def _fake_attention(q: torch.Tensor, *args: Any) -> torch.Tensor:
     return q.new_empty(q.shape)
 
 
@@ -406,9 +422,10 @@ def fits_mamba_step(projected: torch.Tensor, ssm_state: torch.Tensor) -> bool:
 
 
 def decode_attention_cpp(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
-                         scale: float) -> torch.Tensor:
+                         scale: float, k: torch.Tensor | None = None, v: torch.Tensor | None = None,
+                         positions: torch.Tensor | None = None) -> torch.Tensor:
     """The C++ kernel (``build()`` first); the arguments and result of ``decode_attention_ref``."""
-    return getattr(torch.ops, NAMESPACE).decode_attention(q, keys, values, bias, scale)
+    return getattr(torch.ops, NAMESPACE).decode_attention(q, keys, values, bias, scale, k, v, positions)
 
 
 def selective_state_update_cpp(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
@@ -457,14 +474,23 @@ def mamba_step_ref(projected: torch.Tensor, conv_state: torch.Tensor, conv_weigh
 
 
 def decode_attention_ref(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
-                         scale: float) -> torch.Tensor:
-    """Attention of one query token per sequence over its cached keys and values.
+                         scale: float, k: torch.Tensor | None = None, v: torch.Tensor | None = None,
+                         positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of one query token per sequence over its cached keys and values, the step's own written first.
 
-    q: [batch, heads, head_dim], query head j reading KV head j // (heads // kv_heads);
-    keys, values: [batch, kv_heads, span, head_dim] (any strides); bias: [batch, span], added to the
-    scaled scores (0 where a position is read, -inf where it is masked). Returns [batch, heads, head_dim].
+    q: [batch, heads, head_dim], query head j reading KV head j // (heads // kv_heads); keys, values: the
+    cache, [slots, kv_heads, length, head_dim] (any strides), of which rows [:batch] and positions [:span]
+    are read; bias: [batch, span], added to the scaled scores (0 where a position is read, -inf where it is
+    masked); k, v: [batch, kv_heads, head_dim] or None, written into the cache in place at ``positions``
+    [batch] (int64) of rows [:batch]. Returns [batch, heads, head_dim].
     """
-    batch, kv_heads = keys.shape[:2]
+    batch, span = bias.shape
+    if k is not None:       # through the whole cache: a compiled step writes into it in place
+        rows = torch.arange(batch, device=q.device)
+        keys[rows, :, positions] = k
+        values[rows, :, positions] = v
+    keys, values = keys[:batch, :, :span], values[:batch, :, :span]
+    kv_heads = keys.shape[1]
     grouped = q.reshape(batch, kv_heads, -1, q.shape[-1])
     scores = (grouped @ keys.transpose(-1, -2)) * scale
     probs = (scores + bias[:, None, None]).softmax(-1)
