@@ -159,6 +159,29 @@ def test_mamba_step_matches_ref(heads: int, head_dim: int, state: int, groups: i
         assert torch.equal(got[name][batch:], before[name][batch:])
 
 
+@pytest.mark.parametrize("lengths,heads,head_dim,state,groups,group_size,bias", [
+    ([5, 1, 2, 40], 8, 24, 16, 1, 192, True),     # the tiny model; prompts shorter than the conv's width
+    ([3, 17], 16, 8, 12, 4, 32, False),
+    ([70], 4, 64, 128, 2, 128, True),
+])
+def test_mamba_prefill_matches_ref(lengths: list[int], heads: int, head_dim: int, state: int, groups: int,
+                                   group_size: int, bias: bool) -> None:
+    """Outputs, and each sequence's final states in its slot (the slots shuffled, the others untouched)."""
+    nseq = len(lengths)
+    a = mamba_step_inputs(sum(lengths), heads, head_dim, state, groups, bias)
+    slots = torch.randperm(len(a["ssm_state"]), generator=torch.Generator().manual_seed(4))[:nseq]
+    got = dict(a, cu_seqlens=torch.tensor([0, *lengths]).cumsum(0), slots=slots)
+    want = {k: None if v is None else v.clone() for k, v in got.items()}
+    before = {k: got[k].clone() for k in ("conv_state", "ssm_state")}
+    kw = dict(eps=1e-5, group_size=group_size, dt_limit=(0.01, 4.0))
+    out = kernels.mamba_prefill_cpp(**got, **kw)
+    torch.testing.assert_close(out, kernels.mamba_prefill_ref(**want, **kw, chunk_size=16), rtol=1e-4, atol=1e-4)
+    untouched = sorted(set(range(len(a["ssm_state"]))) - set(slots.tolist()))
+    for name in ("conv_state", "ssm_state"):
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4)
+        assert torch.equal(got[name][untouched], before[name][untouched])
+
+
 def test_engine_equals_itself_on_the_references(tiny_model, tokenizer, monkeypatch) -> None:
     """Where the kernels cannot be built the references run, on the same position-major key cache: the same
     tokens, log-probabilities within float rounding."""

@@ -22,6 +22,9 @@ it reads.
 - ``mamba_step``: all of a Mamba layer's decode step between its two projections, one task per row: the
   conv update, the recurrent step of every head, the gated RMS norm. Compiled, the conv and the norm were
   loops that Inductor ran on one thread at the tiny model's sizes while the other thread waited.
+- ``mamba_prefill``: the same for the packed prompts of a prefill, the recurrence run token by token from a
+  zero state (the chunked scan's many small products and copies, its reference, took about five times as
+  long for the tiny model's prompts on 2 cores).
 
 They are built with ``torch.utils.cpp_extension`` at first use (about 25 s, then cached on disk), with the
 C++ compiler that ``torch.compile`` needs on CPU anyway; where none builds them, the references run.
@@ -41,8 +44,9 @@ from typing import Any
 import torch
 from torch.utils.cpp_extension import get_default_build_root, load_inline
 
-from rollout.kernels.conv1d import causal_conv1d_update_ref
+from rollout.kernels.conv1d import causal_conv1d_ref, causal_conv1d_update_ref
 from rollout.kernels.rms_norm import gated_rms_norm_ref
+from rollout.kernels.ssd_scan import ssd_scan_ref
 from rollout.kernels.state_update import selective_state_update_ref
 
 _SOURCE = r"""
@@ -253,6 +257,22 @@ at::Tensor selective_state_update(at::Tensor& state, const at::Tensor& x, const 
 // x / (1 + exp(-x))
 inline Vec silu(const Vec& x) { return x / (Vec(1.f) + x.neg().exp_u20()); }
 
+// The gated RMS norm of one token's `inner` outputs in place: y * silu(gate), normalized per group, times weight.
+inline void gated_norm(float* y, const float* gate, const float* weight, int64_t inner, int64_t group_size, float eps) {
+  for (int64_t first = 0; first < inner; first += group_size) {
+    Vec squares(0.f);
+    for (int64_t c = first; c < first + group_size; c += W) {
+      const Vec h = Vec::loadu(y + c) * silu(Vec::loadu(gate + c));
+      h.store(y + c);
+      squares = at::vec::fmadd(h, h, squares);
+    }
+    const float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& z) { return x + z; }, squares);
+    const Vec scale(1.f / std::sqrt(sum / group_size + eps));
+    for (int64_t c = first; c < first + group_size; c += W)
+      (Vec::loadu(weight + c) * (Vec::loadu(y + c) * scale)).store(y + c);
+  }
+}
+
 // One token of a Mamba-2 mixer between its two projections, row b in state slot b: the conv over the last
 // `width` inputs (conv_state [slots, width - 1, conv_dim] tap-major, shifted in place) and its SiLU, the
 // recurrent step of every head (ssm_state [slots, heads, dim, n], in place), and the gated RMS norm of the
@@ -307,19 +327,103 @@ at::Tensor mamba_step(const at::Tensor& projected, at::Tensor& conv_state, const
                     xbc.data() + inner + g * n, xbc.data() + inner + (groups + g) * n,
                     discretize_dt(dtp[h] + biasp[h], dt_min, dt_max), ap[h], dp[h], dim, n, out + h * dim);
       }
-      for (int64_t first = 0; first < inner; first += group_size) {  // the gated RMS norm, group by group
-        Vec squares(0.f);
-        for (int64_t c = first; c < first + group_size; c += W) {
-          const Vec h = Vec::loadu(out + c) * silu(Vec::loadu(gate + c));
-          h.store(out + c);
-          squares = at::vec::fmadd(h, h, squares);
+      gated_norm(out, gate, np, inner, group_size, eps);
+    }
+  });
+  return y;
+}
+
+// The prompts of a prefill, packed (sequence s is tokens [cu[s], cu[s + 1]), from zero states, its states left
+// in slot slots[s]) through a Mamba-2 mixer between its two projections: the conv and its SiLU, the recurrence
+// token by token, the gated RMS norm; as mamba_step, one token at a time. Three parallel loops: the conv over
+// tokens, the recurrence over (sequence, head), whose state stays in L1 as [n, dim] so that each token is
+// vector multiply-adds over dim, with no sum across a vector; the norm over tokens.
+at::Tensor mamba_prefill(const at::Tensor& projected, const at::Tensor& cu_seqlens, const at::Tensor& slots,
+                         at::Tensor& conv_state, const at::Tensor& conv_weight, const c10::optional<at::Tensor>& conv_bias,
+                         at::Tensor& ssm_state, const at::Tensor& A, const at::Tensor& D, const at::Tensor& dt_bias,
+                         const at::Tensor& norm_weight, double eps, int64_t group_size, double dt_min, double dt_max) {
+  const int64_t total = projected.size(0), nseq = slots.size(0);
+  const int64_t heads = ssm_state.size(1), dim = ssm_state.size(2), n = ssm_state.size(3);
+  const int64_t taps = conv_state.size(1), conv_dim = conv_state.size(2), inner = heads * dim;
+  const int64_t groups = (conv_dim - inner) / (2 * n), per_group = heads / groups;
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&projected, &conv_state, &conv_weight, &ssm_state,
+                                                                      &A, &D, &dt_bias, &norm_weight})
+    TORCH_CHECK(t->scalar_type() == at::kFloat, "mamba_prefill: float32 only");
+  TORCH_CHECK(cu_seqlens.scalar_type() == at::kLong && slots.scalar_type() == at::kLong &&
+              cu_seqlens.is_contiguous() && slots.is_contiguous() && cu_seqlens.size(0) == nseq + 1,
+              "mamba_prefill: int64 cu_seqlens [nseq + 1] and slots [nseq]");
+  TORCH_CHECK(taps >= 1 && projected.size(1) == inner + conv_dim + heads && projected.is_contiguous() &&
+              conv_state.stride(2) == 1 && conv_state.stride(1) == conv_dim && conv_weight.is_contiguous() &&
+              conv_weight.size(0) == taps + 1 && ssm_state.stride(3) == 1 && ssm_state.stride(2) == n &&
+              ssm_state.stride(1) == dim * n && A.is_contiguous() && D.is_contiguous() && dt_bias.is_contiguous() &&
+              norm_weight.is_contiguous() && inner % group_size == 0 && group_size % W == 0 &&
+              (!conv_bias.has_value() || conv_bias->is_contiguous()),
+              "mamba_prefill: in_proj's output, tap-major conv state and weight, contiguous state rows and vectors");
+  const int64_t row = projected.stride(0);
+  const int64_t *cu = cu_seqlens.data_ptr<int64_t>(), *sp = slots.data_ptr<int64_t>();
+  const float *pp = projected.data_ptr<float>(), *wp = conv_weight.data_ptr<float>(), *ap = A.data_ptr<float>();
+  const float *dp = D.data_ptr<float>(), *biasp = dt_bias.data_ptr<float>(), *np = norm_weight.data_ptr<float>();
+  const float* cbp = conv_bias.has_value() ? conv_bias->data_ptr<float>() : nullptr;
+  float *csp = conv_state.data_ptr<float>(), *ssp = ssm_state.data_ptr<float>();
+  at::Tensor xbc = at::empty({total, conv_dim}, projected.options());
+  at::Tensor y = at::empty({total, inner}, projected.options());
+  float *xp = xbc.data_ptr<float>(), *yp = y.data_ptr<float>();
+  at::parallel_for(0, total, 16, [&](int64_t begin, int64_t end) {  // the conv: token t reads its last taps inputs
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t start = *(std::upper_bound(cu, cu + nseq + 1, t) - 1);
+      for (int64_t c = 0; c < conv_dim; c += W) {
+        const int64_t m = std::min(W, conv_dim - c);
+        Vec acc(0.f);
+        for (int64_t k = 0; k <= taps; ++k) {
+          const int64_t source = t - taps + k;
+          if (source >= start)
+            acc = at::vec::fmadd(Vec::loadu(pp + source * row + inner + c, m), Vec::loadu(wp + k * conv_dim + c, m), acc);
         }
-        const float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, squares);
-        const Vec scale(1.f / std::sqrt(sum / group_size + static_cast<float>(eps)));
-        for (int64_t c = first; c < first + group_size; c += W)
-          (Vec::loadu(np + c) * (Vec::loadu(out + c) * scale)).store(out + c);
+        if (cbp) acc = acc + Vec::loadu(cbp + c, m);
+        silu(acc).store(xp + t * conv_dim + c, m);
       }
     }
+  });
+  at::parallel_for(0, nseq * heads, 1, [&](int64_t begin, int64_t end) {  // the recurrence
+    std::vector<float> state(n * dim);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t s = i / heads, h = i % heads, g = h / per_group;
+      const int64_t first = cu[s], last = cu[s + 1];
+      if (h == 0) {  // the sequence's last taps inputs, zeros before its start
+        float* window = csp + sp[s] * conv_state.stride(0);
+        for (int64_t k = 0; k < taps; ++k) {
+          const int64_t source = last - taps + k;
+          if (source >= first) std::copy(pp + source * row + inner, pp + source * row + inner + conv_dim, window + k * conv_dim);
+          else std::fill(window + k * conv_dim, window + (k + 1) * conv_dim, 0.f);
+        }
+      }
+      std::fill(state.begin(), state.end(), 0.f);
+      for (int64_t t = first; t < last; ++t) {
+        const float* xt = xp + t * conv_dim;
+        const float *x = xt + h * dim, *B = xt + inner + g * n, *C = xt + inner + (groups + g) * n;
+        const float step = discretize_dt(pp[t * row + inner + conv_dim + h] + biasp[h], dt_min, dt_max);
+        const Vec decay(std::exp(step * ap[h]));
+        float* out = yp + t * inner + h * dim;
+        for (int64_t p = 0; p < dim; p += W) {
+          const int64_t m = std::min(W, dim - p);
+          const Vec xs = Vec::loadu(x + p, m);
+          Vec sum = Vec(dp[h]) * xs;
+          for (int64_t k = 0; k < n; ++k) {
+            float* sk = state.data() + k * dim + p;
+            const Vec updated = at::vec::fmadd(Vec::loadu(sk, m), decay, Vec(step * B[k]) * xs);
+            updated.store(sk, m);
+            sum = at::vec::fmadd(updated, Vec(C[k]), sum);
+          }
+          sum.store(out + p, m);
+        }
+      }
+      float* final_state = ssp + sp[s] * ssm_state.stride(0) + h * ssm_state.stride(1);  // [dim, n] in the cache
+      for (int64_t p = 0; p < dim; ++p)
+        for (int64_t k = 0; k < n; ++k) final_state[p * n + k] = state[k * dim + p];
+    }
+  });
+  at::parallel_for(0, total, 16, [&](int64_t begin, int64_t end) {  // the gated norm
+    for (int64_t t = begin; t < end; ++t) gated_norm(yp + t * inner, pp + t * row, np, inner, group_size, eps);
   });
   return y;
 }
@@ -332,11 +436,15 @@ TORCH_LIBRARY(NAMESPACE, m) {
   m.def("mamba_step(Tensor projected, Tensor(a!) conv_state, Tensor conv_weight, Tensor? conv_bias, "
         "Tensor(b!) ssm_state, Tensor A, Tensor D, Tensor dt_bias, Tensor norm_weight, float eps, int group_size, "
         "float dt_min, float dt_max) -> Tensor");
+  m.def("mamba_prefill(Tensor projected, Tensor cu_seqlens, Tensor slots, Tensor(a!) conv_state, Tensor conv_weight, "
+        "Tensor? conv_bias, Tensor(b!) ssm_state, Tensor A, Tensor D, Tensor dt_bias, Tensor norm_weight, float eps, "
+        "int group_size, float dt_min, float dt_max) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(NAMESPACE, CPU, m) {
   m.impl("decode_attention", &decode_attention);
   m.impl("selective_state_update", &selective_state_update);
   m.impl("mamba_step", &mamba_step);
+  m.impl("mamba_prefill", &mamba_prefill);
 }
 """
 
@@ -378,6 +486,7 @@ def build() -> bool:
             torch.library.register_fake(f"{NAMESPACE}::decode_attention")(_fake_attention)
             torch.library.register_fake(f"{NAMESPACE}::selective_state_update")(_fake_state_update)
             torch.library.register_fake(f"{NAMESPACE}::mamba_step")(_fake_mamba_step)
+            torch.library.register_fake(f"{NAMESPACE}::mamba_prefill")(_fake_mamba_prefill)
             _built = True
         except (RuntimeError, OSError) as error:     # no compiler, no ninja, no writable build directory
             warnings.warn(f"the C++ kernels for the CPU could not be built in {directory}, the references run "
@@ -396,6 +505,12 @@ def _fake_state_update(state: torch.Tensor, x: torch.Tensor, *args: Any) -> torc
 
 def _fake_mamba_step(projected: torch.Tensor, conv_state: torch.Tensor, conv_weight: torch.Tensor,
                      conv_bias: torch.Tensor | None, ssm_state: torch.Tensor, *args: Any) -> torch.Tensor:
+    return projected.new_empty(projected.shape[0], ssm_state.shape[1] * ssm_state.shape[2])
+
+
+def _fake_mamba_prefill(projected: torch.Tensor, cu_seqlens: torch.Tensor, slots: torch.Tensor,
+                        conv_state: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
+                        ssm_state: torch.Tensor, *args: Any) -> torch.Tensor:
     return projected.new_empty(projected.shape[0], ssm_state.shape[1] * ssm_state.shape[2])
 
 
@@ -446,6 +561,44 @@ def mamba_step_cpp(projected: torch.Tensor, conv_state: torch.Tensor, conv_weigh
     in place. It needs the conv state and weight contiguous, the norm's groups a multiple of 8 channels."""
     return getattr(torch.ops, NAMESPACE).mamba_step(projected, conv_state, conv_weight, conv_bias, ssm_state, A, D,
                                                     dt_bias, norm_weight, eps, group_size, *dt_limit)
+
+
+def mamba_prefill_cpp(projected: torch.Tensor, cu_seqlens: torch.Tensor, slots: torch.Tensor,
+                      conv_state: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
+                      ssm_state: torch.Tensor, A: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor,
+                      norm_weight: torch.Tensor, *, eps: float, group_size: int,
+                      dt_limit: tuple[float, float] = (0.0, float("inf")), chunk_size: int = 0) -> torch.Tensor:
+    """The C++ kernel (``build()`` first); the arguments and result of ``mamba_prefill_ref``, the slots'
+    states written in place. It runs the recurrence token by token: ``chunk_size`` is not used."""
+    return getattr(torch.ops, NAMESPACE).mamba_prefill(projected, cu_seqlens, slots, conv_state, conv_weight, conv_bias,
+                                                       ssm_state, A, D, dt_bias, norm_weight, eps, group_size,
+                                                       *dt_limit)
+
+
+def mamba_prefill_ref(projected: torch.Tensor, cu_seqlens: torch.Tensor, slots: torch.Tensor,
+                      conv_state: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
+                      ssm_state: torch.Tensor, A: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor,
+                      norm_weight: torch.Tensor, *, eps: float, group_size: int,
+                      dt_limit: tuple[float, float] = (0.0, float("inf")), chunk_size: int = 64) -> torch.Tensor:
+    """Packed prompts from zero states through a Mamba-2 mixer between its two projections: the conv, the
+    chunked scan, the gated RMS norm (the references of ``causal_conv1d``, ``ssd_scan`` and
+    ``gated_rms_norm``, in turn), each sequence's final states written into its slot.
+
+    projected: [total, inner + conv_dim + heads], in_proj's output for the packed tokens, sequence s being
+    rows [cu_seqlens[s], cu_seqlens[s + 1]); slots: [nseq] int64, the state slot of each sequence; the
+    other arguments as ``mamba_step_ref``'s. Returns [total, inner], out_proj's input.
+    """
+    heads, head_dim, n = ssm_state.shape[1:]
+    inner, conv_dim, total = heads * head_dim, conv_state.shape[2], projected.shape[0]
+    gate, xbc, dt = projected.split([inner, conv_dim, heads], dim=-1)
+    xbc, conv_states = causal_conv1d_ref(xbc[None], conv_weight.t(), conv_bias, cu_seqlens=cu_seqlens)
+    conv_state[slots] = conv_states.transpose(1, 2).to(conv_state.dtype)
+    x, B, C = xbc[0].split([inner, (conv_dim - inner) // 2, (conv_dim - inner) // 2], dim=-1)
+    y, states = ssd_scan_ref(x.reshape(1, total, heads, head_dim), dt[None], A, B.reshape(1, total, -1, n),
+                             C.reshape(1, total, -1, n), D, dt_bias, chunk_size=chunk_size, dt_limit=dt_limit,
+                             cu_seqlens=cu_seqlens)
+    ssm_state[slots] = states.to(ssm_state.dtype)
+    return gated_rms_norm_ref(y.reshape(total, inner), gate, norm_weight, eps=eps, group_size=group_size)
 
 
 def mamba_step_ref(projected: torch.Tensor, conv_state: torch.Tensor, conv_weight: torch.Tensor,
