@@ -594,19 +594,20 @@ class RolloutEngine:
         return xbc.split([mixer.intermediate_size, *2 * [mixer.n_groups * mixer.ssm_state_size]], dim=-1)
 
     def _fused_mamba(self, i: int, mixer: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """The arguments of the fused CPU kernels (``kernels.mamba_step_cpp``, ``kernels.mamba_prefill_cpp``)
-        after in_proj's output and the prompts' layout: layer i's states, as the kernels write them, and
-        weights."""
-        return ((self.cache.conv[i].transpose(1, 2), self.taps[i], mixer.conv1d.bias, self.cache.ssm[i], self.decay[i],
-                 mixer.D, mixer.dt_bias, mixer.norm.weight),
-                dict(eps=mixer.norm.variance_epsilon, group_size=mixer.norm.group_size, dt_limit=mixer.time_step_limit))
+        """Layer i's states (tap-major conv state, SSM state; written in place) and weights: the arguments of
+        the fused CPU kernels (``kernels.mamba_step_cpp``, ``kernels.mamba_prefill_cpp``) after in_proj's
+        output and, for a prefill, the prompts' layout."""
+        return ((self.cache.conv[i].transpose(1, 2), self.taps[i], mixer.conv1d.bias, self.cache.ssm[i],
+                 self.decay[i], mixer.D, mixer.dt_bias, mixer.norm.weight),
+                dict(eps=mixer.norm.variance_epsilon, group_size=mixer.norm.group_size,
+                     dt_limit=mixer.time_step_limit))
 
     def _mamba_prefill(self, i: int, mixer: Any, x: torch.Tensor, cu: torch.Tensor, slots: torch.Tensor):
-        total = x.shape[1]
         projected = mixer.in_proj(x)
         if kernels.fits_mamba_step(projected, self.cache.ssm[i]):
             args, kwargs = self._fused_mamba(i, mixer)
             return mixer.out_proj(kernels.mamba_prefill_cpp(projected[0], cu, slots, *args, **kwargs)[None])
+        total = x.shape[1]
         gate, xbc, dt = self._mamba_split(mixer, projected)
         xbc, conv_states = kernels.causal_conv1d(xbc, mixer.conv1d.weight[:, 0], mixer.conv1d.bias, cu_seqlens=cu)
         self.cache.conv[i][slots] = conv_states.to(self.cache.conv[i].dtype)
@@ -620,11 +621,11 @@ class RolloutEngine:
         return mixer.out_proj(gated_rms_norm(mixer.norm, y.reshape(1, total, -1), gate).to(x.dtype))
 
     def _mamba_step(self, i: int, mixer: Any, x: torch.Tensor) -> torch.Tensor:
-        batch = x.shape[0]
         projected = mixer.in_proj(x)
         if kernels.fits_mamba_step(projected, self.cache.ssm[i]):
             args, kwargs = self._fused_mamba(i, mixer)
             return mixer.out_proj(kernels.mamba_step_cpp(projected, *args, **kwargs))
+        batch = x.shape[0]
         gate, xbc, dt = self._mamba_split(mixer, projected)
         xbc = kernels.causal_conv1d_update(xbc, self.cache.conv[i], self.taps[i].t(), mixer.conv1d.bias,
                                            slot_idx=None)

@@ -333,13 +333,14 @@ at::Tensor mamba_step(const at::Tensor& projected, at::Tensor& conv_state, const
   return y;
 }
 
-// The prompts of a prefill, packed (sequence s is tokens [cu[s], cu[s + 1]), from zero states, its states left
-// in slot slots[s]) through a Mamba-2 mixer between its two projections: the conv and its SiLU, the recurrence
-// token by token, the gated RMS norm; as mamba_step, one token at a time. Three parallel loops: the conv over
+// The packed prompts of a prefill (sequence s is tokens [cu[s], cu[s + 1]), from zero states, its final states
+// left in slot slots[s]) through a Mamba-2 mixer between its two projections: the conv and its SiLU, the
+// recurrence token by token (mamba_step's math), the gated RMS norm. Three parallel loops: the conv over
 // tokens, the recurrence over (sequence, head), whose state stays in L1 as [n, dim] so that each token is
 // vector multiply-adds over dim, with no sum across a vector; the norm over tokens.
 at::Tensor mamba_prefill(const at::Tensor& projected, const at::Tensor& cu_seqlens, const at::Tensor& slots,
-                         at::Tensor& conv_state, const at::Tensor& conv_weight, const c10::optional<at::Tensor>& conv_bias,
+                         at::Tensor& conv_state, const at::Tensor& conv_weight,
+                         const c10::optional<at::Tensor>& conv_bias,
                          at::Tensor& ssm_state, const at::Tensor& A, const at::Tensor& D, const at::Tensor& dt_bias,
                          const at::Tensor& norm_weight, double eps, int64_t group_size, double dt_min, double dt_max) {
   const int64_t total = projected.size(0), nseq = slots.size(0);
@@ -377,7 +378,8 @@ at::Tensor mamba_prefill(const at::Tensor& projected, const at::Tensor& cu_seqle
         for (int64_t k = 0; k <= taps; ++k) {
           const int64_t source = t - taps + k;
           if (source >= start)
-            acc = at::vec::fmadd(Vec::loadu(pp + source * row + inner + c, m), Vec::loadu(wp + k * conv_dim + c, m), acc);
+            acc = at::vec::fmadd(Vec::loadu(pp + source * row + inner + c, m), Vec::loadu(wp + k * conv_dim + c, m),
+                                 acc);
         }
         if (cbp) acc = acc + Vec::loadu(cbp + c, m);
         silu(acc).store(xp + t * conv_dim + c, m);
@@ -393,8 +395,12 @@ at::Tensor mamba_prefill(const at::Tensor& projected, const at::Tensor& cu_seqle
         float* window = csp + sp[s] * conv_state.stride(0);
         for (int64_t k = 0; k < taps; ++k) {
           const int64_t source = last - taps + k;
-          if (source >= first) std::copy(pp + source * row + inner, pp + source * row + inner + conv_dim, window + k * conv_dim);
-          else std::fill(window + k * conv_dim, window + (k + 1) * conv_dim, 0.f);
+          if (source >= first) {
+            const float* input = pp + source * row + inner;
+            std::copy(input, input + conv_dim, window + k * conv_dim);
+          } else {
+            std::fill(window + k * conv_dim, window + (k + 1) * conv_dim, 0.f);
+          }
         }
       }
       std::fill(state.begin(), state.end(), 0.f);
@@ -567,9 +573,9 @@ def mamba_prefill_cpp(projected: torch.Tensor, cu_seqlens: torch.Tensor, slots: 
                       conv_state: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
                       ssm_state: torch.Tensor, A: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor,
                       norm_weight: torch.Tensor, *, eps: float, group_size: int,
-                      dt_limit: tuple[float, float] = (0.0, float("inf")), chunk_size: int = 0) -> torch.Tensor:
-    """The C++ kernel (``build()`` first); the arguments and result of ``mamba_prefill_ref``, the slots'
-    states written in place. It runs the recurrence token by token: ``chunk_size`` is not used."""
+                      dt_limit: tuple[float, float] = (0.0, float("inf"))) -> torch.Tensor:
+    """The C++ kernel (``build()`` first); the arguments (but ``chunk_size``: it runs the recurrence token by
+    token) and result of ``mamba_prefill_ref``, the slots' states written in place."""
     return getattr(torch.ops, NAMESPACE).mamba_prefill(projected, cu_seqlens, slots, conv_state, conv_weight, conv_bias,
                                                        ssm_state, A, D, dt_bias, norm_weight, eps, group_size,
                                                        *dt_limit)
