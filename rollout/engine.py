@@ -11,8 +11,9 @@ The n running sequences always hold slots 0..n-1 (when one finishes, the last mo
 a decode step reads and writes every buffer through a view of its first n rows, never a gathered copy.
 
 The engine holds its own copy of the weights, refreshed in memory from the trainer by ``load_weights``.
-The Mamba math comes from ``rollout.kernels``: Triton on GPU, the PyTorch reference on CPU, where the
-decode step's SSM state update and attention run as C++ kernels (``rollout.kernels.cpu``). On a GPU
+The Mamba math comes from ``rollout.kernels``: Triton on GPU; on CPU C++ kernels (``rollout.kernels.cpu``)
+for a Mamba layer's prefill and decode step between its projections and for the decode attention, the
+PyTorch references where those do not fit. On a GPU
 the decode step's stretches of Mamba and MLP layers replay as CUDA graphs (``rollout.graphs``); with
 ``compile=True`` the later steps of each run of decode steps call the first step's compiled graph directly,
 without Dynamo (``rollout.replay``).
