@@ -273,6 +273,33 @@ inline void gated_norm(float* y, const float* gate, const float* weight, int64_t
   }
 }
 
+// A Mamba layer's sizes, read from its states, once the fused kernels' arguments are checked: float32,
+// in_proj's output with contiguous rows, tap-major conv state and weight, contiguous state rows and vectors.
+struct MambaSizes {
+  int64_t heads, dim, n, taps, conv_dim, inner, groups, per_group;
+};
+
+MambaSizes mamba_sizes(const char* op, const at::Tensor& projected, const at::Tensor& conv_state,
+                       const at::Tensor& conv_weight, const c10::optional<at::Tensor>& conv_bias,
+                       const at::Tensor& ssm_state, const at::Tensor& A, const at::Tensor& D, const at::Tensor& dt_bias,
+                       const at::Tensor& norm_weight, int64_t group_size) {
+  MambaSizes z;
+  z.heads = ssm_state.size(1), z.dim = ssm_state.size(2), z.n = ssm_state.size(3);
+  z.taps = conv_state.size(1), z.conv_dim = conv_state.size(2), z.inner = z.heads * z.dim;
+  z.groups = (z.conv_dim - z.inner) / (2 * z.n), z.per_group = z.heads / z.groups;
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&projected, &conv_state, &conv_weight, &ssm_state,
+                                                                      &A, &D, &dt_bias, &norm_weight})
+    TORCH_CHECK(t->scalar_type() == at::kFloat, op, ": float32 only");
+  TORCH_CHECK(z.taps >= 1 && projected.size(1) == z.inner + z.conv_dim + z.heads && projected.stride(1) == 1 &&
+              conv_state.stride(2) == 1 && conv_state.stride(1) == z.conv_dim && conv_weight.is_contiguous() &&
+              conv_weight.size(0) == z.taps + 1 && ssm_state.stride(3) == 1 && ssm_state.stride(2) == z.n &&
+              ssm_state.stride(1) == z.dim * z.n && A.is_contiguous() && D.is_contiguous() &&
+              dt_bias.is_contiguous() && norm_weight.is_contiguous() && z.inner % group_size == 0 &&
+              group_size % W == 0 && (!conv_bias.has_value() || conv_bias->is_contiguous()),
+              op, ": in_proj's output, tap-major conv state and weight, contiguous state rows and vectors");
+  return z;
+}
+
 // One token of a Mamba-2 mixer between its two projections, row b in state slot b: the conv over the last
 // `width` inputs (conv_state [slots, width - 1, conv_dim] tap-major, shifted in place) and its SiLU, the
 // recurrent step of every head (ssm_state [slots, heads, dim, n], in place), and the gated RMS norm of the
@@ -282,19 +309,10 @@ at::Tensor mamba_step(const at::Tensor& projected, at::Tensor& conv_state, const
                       const c10::optional<at::Tensor>& conv_bias, at::Tensor& ssm_state, const at::Tensor& A,
                       const at::Tensor& D, const at::Tensor& dt_bias, const at::Tensor& norm_weight, double eps,
                       int64_t group_size, double dt_min, double dt_max) {
-  const int64_t batch = projected.size(0), heads = ssm_state.size(1), dim = ssm_state.size(2), n = ssm_state.size(3);
-  const int64_t taps = conv_state.size(1), conv_dim = conv_state.size(2), inner = heads * dim;
-  const int64_t groups = (conv_dim - inner) / (2 * n), per_group = heads / groups;
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&projected, &conv_state, &conv_weight, &ssm_state,
-                                                                      &A, &D, &dt_bias, &norm_weight})
-    TORCH_CHECK(t->scalar_type() == at::kFloat, "mamba_step: float32 only");
-  TORCH_CHECK(taps >= 1 && projected.size(1) == inner + conv_dim + heads && projected.stride(1) == 1 &&
-              conv_state.stride(2) == 1 && conv_state.stride(1) == conv_dim && conv_weight.is_contiguous() &&
-              conv_weight.size(0) == taps + 1 && ssm_state.stride(3) == 1 && ssm_state.stride(2) == n &&
-              ssm_state.stride(1) == dim * n && A.is_contiguous() && D.is_contiguous() && dt_bias.is_contiguous() &&
-              norm_weight.is_contiguous() && inner % group_size == 0 && group_size % W == 0 &&
-              (!conv_bias.has_value() || conv_bias->is_contiguous()),
-              "mamba_step: in_proj's output, tap-major conv state and weight, contiguous state rows and vectors");
+  const MambaSizes z = mamba_sizes("mamba_step", projected, conv_state, conv_weight, conv_bias, ssm_state, A, D,
+                                    dt_bias, norm_weight, group_size);
+  const int64_t batch = projected.size(0), heads = z.heads, dim = z.dim, n = z.n, taps = z.taps;
+  const int64_t conv_dim = z.conv_dim, inner = z.inner, groups = z.groups, per_group = z.per_group;
   at::Tensor y = at::empty({batch, inner}, projected.options());
   const float *pp = projected.data_ptr<float>(), *wp = conv_weight.data_ptr<float>(), *ap = A.data_ptr<float>();
   const float *dp = D.data_ptr<float>(), *biasp = dt_bias.data_ptr<float>(), *np = norm_weight.data_ptr<float>();
@@ -343,23 +361,13 @@ at::Tensor mamba_prefill(const at::Tensor& projected, const at::Tensor& cu_seqle
                          const c10::optional<at::Tensor>& conv_bias,
                          at::Tensor& ssm_state, const at::Tensor& A, const at::Tensor& D, const at::Tensor& dt_bias,
                          const at::Tensor& norm_weight, double eps, int64_t group_size, double dt_min, double dt_max) {
-  const int64_t total = projected.size(0), nseq = slots.size(0);
-  const int64_t heads = ssm_state.size(1), dim = ssm_state.size(2), n = ssm_state.size(3);
-  const int64_t taps = conv_state.size(1), conv_dim = conv_state.size(2), inner = heads * dim;
-  const int64_t groups = (conv_dim - inner) / (2 * n), per_group = heads / groups;
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&projected, &conv_state, &conv_weight, &ssm_state,
-                                                                      &A, &D, &dt_bias, &norm_weight})
-    TORCH_CHECK(t->scalar_type() == at::kFloat, "mamba_prefill: float32 only");
+  const MambaSizes z = mamba_sizes("mamba_prefill", projected, conv_state, conv_weight, conv_bias, ssm_state, A, D,
+                                    dt_bias, norm_weight, group_size);
+  const int64_t total = projected.size(0), nseq = slots.size(0), heads = z.heads, dim = z.dim, n = z.n;
+  const int64_t taps = z.taps, conv_dim = z.conv_dim, inner = z.inner, groups = z.groups, per_group = z.per_group;
   TORCH_CHECK(cu_seqlens.scalar_type() == at::kLong && slots.scalar_type() == at::kLong &&
               cu_seqlens.is_contiguous() && slots.is_contiguous() && cu_seqlens.size(0) == nseq + 1,
               "mamba_prefill: int64 cu_seqlens [nseq + 1] and slots [nseq]");
-  TORCH_CHECK(taps >= 1 && projected.size(1) == inner + conv_dim + heads && projected.is_contiguous() &&
-              conv_state.stride(2) == 1 && conv_state.stride(1) == conv_dim && conv_weight.is_contiguous() &&
-              conv_weight.size(0) == taps + 1 && ssm_state.stride(3) == 1 && ssm_state.stride(2) == n &&
-              ssm_state.stride(1) == dim * n && A.is_contiguous() && D.is_contiguous() && dt_bias.is_contiguous() &&
-              norm_weight.is_contiguous() && inner % group_size == 0 && group_size % W == 0 &&
-              (!conv_bias.has_value() || conv_bias->is_contiguous()),
-              "mamba_prefill: in_proj's output, tap-major conv state and weight, contiguous state rows and vectors");
   const int64_t row = projected.stride(0);
   const int64_t *cu = cu_seqlens.data_ptr<int64_t>(), *sp = slots.data_ptr<int64_t>();
   const float *pp = projected.data_ptr<float>(), *wp = conv_weight.data_ptr<float>(), *ap = A.data_ptr<float>();
