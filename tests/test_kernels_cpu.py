@@ -141,6 +141,7 @@ def mamba_step_inputs(batch: int, heads: int, head_dim: int, state: int, groups:
     (8, 24, 16, 1, 192, True),      # the tiny model
     (16, 8, 12, 4, 32, False),      # several groups of B and C, of the norm, and no conv bias
     (4, 64, 128, 2, 128, True),     # Nemotron-H-8B's head dim and state
+    (6, 10, 12, 2, 20, True),       # head dim, norm groups and conv channels not multiples of 8
 ])
 def test_mamba_step_matches_ref(heads: int, head_dim: int, state: int, groups: int, group_size: int,
                                 bias: bool) -> None:
@@ -163,6 +164,7 @@ def test_mamba_step_matches_ref(heads: int, head_dim: int, state: int, groups: i
     ([5, 1, 2, 40], 8, 24, 16, 1, 192, True),     # the tiny model; prompts shorter than the conv's width
     ([3, 17], 16, 8, 12, 4, 32, False),
     ([70], 4, 64, 128, 2, 128, True),
+    ([9, 4], 6, 10, 12, 2, 20, True),
 ])
 def test_mamba_prefill_matches_ref(lengths: list[int], heads: int, head_dim: int, state: int, groups: int,
                                    group_size: int, bias: bool) -> None:

@@ -260,16 +260,20 @@ inline Vec silu(const Vec& x) { return x / (Vec(1.f) + x.neg().exp_u20()); }
 // The gated RMS norm of one token's `inner` outputs in place: y * silu(gate), normalized per group, times weight.
 inline void gated_norm(float* y, const float* gate, const float* weight, int64_t inner, int64_t group_size, float eps) {
   for (int64_t first = 0; first < inner; first += group_size) {
+    const int64_t last = first + group_size;
     Vec squares(0.f);
-    for (int64_t c = first; c < first + group_size; c += W) {
-      const Vec h = Vec::loadu(y + c) * silu(Vec::loadu(gate + c));
-      h.store(y + c);
+    for (int64_t c = first; c < last; c += W) {
+      const int64_t m = std::min(W, last - c);  // loadu with a count zero-fills the rest: h is 0 there
+      const Vec h = Vec::loadu(y + c, m) * silu(Vec::loadu(gate + c, m));
+      h.store(y + c, m);
       squares = at::vec::fmadd(h, h, squares);
     }
     const float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& z) { return x + z; }, squares);
     const Vec scale(1.f / std::sqrt(sum / group_size + eps));
-    for (int64_t c = first; c < first + group_size; c += W)
-      (Vec::loadu(weight + c) * (Vec::loadu(y + c) * scale)).store(y + c);
+    for (int64_t c = first; c < last; c += W) {
+      const int64_t m = std::min(W, last - c);
+      (Vec::loadu(weight + c, m) * (Vec::loadu(y + c, m) * scale)).store(y + c, m);
+    }
   }
 }
 
@@ -286,7 +290,7 @@ MambaSizes mamba_sizes(const char* op, const at::Tensor& projected, const at::Te
   MambaSizes z;
   z.heads = ssm_state.size(1), z.dim = ssm_state.size(2), z.n = ssm_state.size(3);
   z.taps = conv_state.size(1), z.conv_dim = conv_state.size(2), z.inner = z.heads * z.dim;
-  z.groups = (z.conv_dim - z.inner) / (2 * z.n), z.per_group = z.heads / z.groups;
+  z.groups = (z.conv_dim - z.inner) / (2 * z.n);
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&projected, &conv_state, &conv_weight, &ssm_state,
                                                                       &A, &D, &dt_bias, &norm_weight})
     TORCH_CHECK(t->scalar_type() == at::kFloat, op, ": float32 only");
@@ -294,9 +298,10 @@ MambaSizes mamba_sizes(const char* op, const at::Tensor& projected, const at::Te
               conv_state.stride(2) == 1 && conv_state.stride(1) == z.conv_dim && conv_weight.is_contiguous() &&
               conv_weight.size(0) == z.taps + 1 && ssm_state.stride(3) == 1 && ssm_state.stride(2) == z.n &&
               ssm_state.stride(1) == z.dim * z.n && A.is_contiguous() && D.is_contiguous() &&
-              dt_bias.is_contiguous() && norm_weight.is_contiguous() && z.inner % group_size == 0 &&
-              group_size % W == 0 && (!conv_bias.has_value() || conv_bias->is_contiguous()),
+              dt_bias.is_contiguous() && norm_weight.is_contiguous() && group_size > 0 && z.inner % group_size == 0 &&
+              z.groups > 0 && z.heads % z.groups == 0 && (!conv_bias.has_value() || conv_bias->is_contiguous()),
               op, ": in_proj's output, tap-major conv state and weight, contiguous state rows and vectors");
+  z.per_group = z.heads / z.groups;
   return z;
 }
 
@@ -572,7 +577,7 @@ def mamba_step_cpp(projected: torch.Tensor, conv_state: torch.Tensor, conv_weigh
                    dt_bias: torch.Tensor, norm_weight: torch.Tensor, *, eps: float, group_size: int,
                    dt_limit: tuple[float, float] = (0.0, float("inf"))) -> torch.Tensor:
     """The C++ kernel (``build()`` first); the arguments and result of ``mamba_step_ref``, both states updated
-    in place. It needs the conv state and weight contiguous, the norm's groups a multiple of 8 channels."""
+    in place. It needs the conv state and weight contiguous."""
     return getattr(torch.ops, NAMESPACE).mamba_step(projected, conv_state, conv_weight, conv_bias, ssm_state, A, D,
                                                     dt_bias, norm_weight, eps, group_size, *dt_limit)
 
