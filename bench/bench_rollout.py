@@ -67,9 +67,8 @@ def matrix_products(engine: RolloutEngine, batch: int, prompt_length: int, new_t
     """Run only the matrix products of greedy decoding ``new_tokens`` for ``batch`` prompts padded to
     ``prompt_length``: per step, every layer's projections and, in attention layers, the attention over the
     KV span the step reads, the step's keys and values written first (the engine's cache, at its size,
-    through ``kernels.decode_attention``). The
-    inputs are zeros: the products' cost does not depend on their values. Returns the tokens such a decode
-    writes."""
+    through ``kernels.decode_attention``). The inputs are zeros: the products' cost does not depend on their
+    values. Returns the tokens such a decode writes."""
     model, cache = engine.model, engine.cache
     x = torch.zeros(batch, model.config.hidden_size, device=engine.device, dtype=model.dtype)
     for span in range(prompt_length + 1, prompt_length + new_tokens + 1):

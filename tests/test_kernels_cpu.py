@@ -1,4 +1,5 @@
-"""The C++ kernels of the CPU decode step against their PyTorch references, and the engine without them."""
+"""The engine's C++ kernels on CPU (decode and prefill) against their PyTorch references, and the engine
+without them."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import torch
 from rollout import kernels
 from rollout.engine import RolloutEngine
 from rollout.kernels import cpu
-from rollout.kernels.state_update import selective_state_update_ref
 from rollout.sampling import SamplingParams
 
 pytestmark = pytest.mark.skipif(not cpu.build(), reason="no C++ compiler builds the CPU kernels")
@@ -84,40 +84,6 @@ def test_decode_attention_dispatch() -> None:
     assert f"{cpu.NAMESPACE}::decode_attention" not in ref_names and "aten::bmm" in ref_names
     torch.testing.assert_close(out, row_major, rtol=1e-5, atol=1e-5)
     assert not cpu.fits_attention(q.bfloat16(), keys.bfloat16())
-
-
-def state_inputs(batch: int, heads: int, head_dim: int, state: int, groups: int, seed: int = 0):
-    """Inputs as the engine passes them: x, B, C and dt views of one projection row per sequence."""
-    g = torch.Generator().manual_seed(seed)
-    width = heads * head_dim + 2 * groups * state + heads
-    projected = torch.randn(batch, width + 3, generator=g)
-    x, B, C, dt, _ = projected.split([heads * head_dim, groups * state, groups * state, heads, 3], dim=-1)
-    dt[0, 0] = 25.0     # past softplus's threshold, where it is the identity
-    dt[-1, -1] = -30.0  # under the lower limit
-    return dict(x=x.view(batch, heads, head_dim), dt=dt, A=-torch.rand(heads, generator=g) * 3,
-                B=B.view(batch, groups, state), C=C.view(batch, groups, state), D=torch.randn(heads, generator=g),
-                dt_bias=torch.randn(heads, generator=g))
-
-
-@pytest.mark.parametrize("heads,head_dim,state,groups", [(8, 24, 16, 1), (16, 8, 12, 4), (4, 64, 128, 2)])
-@pytest.mark.parametrize("slotted", [False, True])
-def test_state_update_matches_ref(heads: int, head_dim: int, state: int, groups: int, slotted: bool) -> None:
-    batch, nslots = 5, 8
-    a = state_inputs(batch, heads, head_dim, state, groups)
-    slots = torch.tensor([6, -1, 2, 0, 3]) if slotted else None
-    before = torch.randn(nslots, heads, head_dim, state, generator=torch.Generator().manual_seed(1))
-    got_state, want_state = before.clone(), before.clone()
-    assert cpu.fits_state_update(got_state, a["x"])
-    kw = dict(slot_idx=slots, dt_limit=(0.01, 4.0))
-    got = kernels.selective_state_update_cpp(got_state, **a, **kw)
-    want = selective_state_update_ref(want_state, **a, **kw)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got_state, want_state, rtol=1e-5, atol=1e-5)
-    written = set(range(batch)) if slots is None else {s for s in slots.tolist() if s >= 0}
-    for slot in set(range(nslots)) - written:           # padding and unused slots: not a bit changed
-        assert torch.equal(got_state[slot], before[slot])
-    if slotted:
-        assert torch.equal(got[1], torch.zeros_like(got[1]))
 
 
 def mamba_step_inputs(batch: int, heads: int, head_dim: int, state: int, groups: int, bias: bool) -> dict:
@@ -220,5 +186,4 @@ def test_a_failed_build_warns_and_leaves_the_references(tmp_path, monkeypatch) -
         assert not cpu.build()
     q, (keys, values), _, bias = attention_inputs(3, 2, 2, 24, 11)
     assert not cpu.fits_attention(q, keys)
-    assert not cpu.fits_state_update(torch.zeros(3, 8, 24, 16), torch.zeros(3, 8, 24))
     assert not cpu.fits_mamba_step(torch.zeros(3, 424), torch.zeros(3, 8, 24, 16))

@@ -10,12 +10,12 @@ Every op has three names with one signature:
 
 Triton is a declared dependency (it ships with every CUDA build of torch), so the device alone decides.
 
-On CPU, ``decode_attention`` and ``selective_state_update`` have a C++ kernel (``<op>_cpp``, in
-``rollout.kernels.cpu``, compiled by ``build_cpu_kernels``), taken where it fits the tensors (float32), the
-reference otherwise. ``decode_attention`` has no Triton kernel: on a GPU its reference's batched products
-are what the engine runs. ``mamba_step_cpp`` and ``mamba_prefill_cpp`` fuse what a Mamba layer does between
-its two projections (conv, recurrence, gated norm) into one CPU kernel for a decode step and one for a
-prefill, where ``fits_mamba_step``; elsewhere the engine calls the three ops in turn (``mamba_step_ref`` and
+On CPU, ``decode_attention`` has a C++ kernel (``decode_attention_cpp``, in ``rollout.kernels.cpu``,
+compiled by ``build_cpu_kernels``), taken where it fits the tensors (float32), the reference otherwise; it
+has no Triton kernel: on a GPU its reference's batched products are what the engine runs.
+``mamba_step_cpp`` and ``mamba_prefill_cpp`` fuse what a Mamba layer does between its two projections
+(conv, recurrence, gated norm) into one CPU kernel for a decode step and one for a prefill, where
+``fits_mamba_step``; elsewhere the engine calls the three ops in turn (``mamba_step_ref`` and
 ``mamba_prefill_ref`` are those sequences of references).
 
 Note that ``rollout.kernels.ssd_scan`` names the dispatcher, which shadows the submodule of the same name:
@@ -31,8 +31,7 @@ from rollout.kernels.conv1d import causal_conv1d_ref, causal_conv1d_update_ref
 from rollout.kernels.conv1d import causal_conv1d_update as causal_conv1d_update_triton
 from rollout.kernels.cpu import build as build_cpu_kernels
 from rollout.kernels.cpu import (decode_attention_cpp, decode_attention_ref, fits_attention, fits_mamba_step,
-                                 fits_state_update, mamba_prefill_cpp, mamba_prefill_ref, mamba_step_cpp,
-                                 mamba_step_ref, selective_state_update_cpp)
+                                 mamba_prefill_cpp, mamba_prefill_ref, mamba_step_cpp, mamba_step_ref)
 from rollout.kernels.rms_norm import gated_rms_norm as gated_rms_norm_triton
 from rollout.kernels.rms_norm import gated_rms_norm_ref, rms_norm_ref
 from rollout.kernels.rms_norm import rms_norm as rms_norm_triton
@@ -62,8 +61,7 @@ def _dispatch(ref: Op, triton_op: Op | None = None, cpp: Op | None = None,
 
 
 ssd_scan = _dispatch(ssd_scan_ref, ssd_scan_triton)
-selective_state_update = _dispatch(selective_state_update_ref, selective_state_update_triton,
-                                   selective_state_update_cpp, fits_state_update)
+selective_state_update = _dispatch(selective_state_update_ref, selective_state_update_triton)
 causal_conv1d = _dispatch(causal_conv1d_ref, causal_conv1d_triton)
 causal_conv1d_update = _dispatch(causal_conv1d_update_ref, causal_conv1d_update_triton)
 rms_norm = _dispatch(rms_norm_ref, rms_norm_triton)
@@ -78,7 +76,6 @@ __all__ = [
     "fits_mamba_step", "gated_rms_norm", "gated_rms_norm_ref", "gated_rms_norm_triton",
     "mamba_prefill_cpp", "mamba_prefill_ref", "mamba_step_cpp", "mamba_step_ref",
     "rms_norm", "rms_norm_ref", "rms_norm_triton",
-    "selective_state_update", "selective_state_update_cpp", "selective_state_update_ref",
-    "selective_state_update_triton",
+    "selective_state_update", "selective_state_update_ref", "selective_state_update_triton",
     "ssd_scan", "ssd_scan_ref", "ssd_scan_triton",
 ]

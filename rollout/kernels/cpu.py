@@ -1,4 +1,4 @@
-"""C++ kernels of the decode step on CPU, where Triton runs only in its interpreter.
+"""C++ kernels of the engine on CPU (decode step and prefill), where Triton runs only in its interpreter.
 
 Each is an op of one ``torch.library`` namespace (``NAMESPACE``, named after a hash of the source, so that
 two versions of the kernels, as ``bench_rollout --against`` imports them, load side by side) with the
@@ -16,12 +16,11 @@ it reads.
   ``[slots, kv_heads, head_dim, max_length]`` and passes a transposed view), so that each score is a
   vector multiply-add over positions; the values with dims contiguous, so that each position adds a
   vector to the output. A row reads positions only up to its last unmasked one.
-- ``selective_state_update``: the Mamba-2 recurrent step (``rollout.kernels.state_update``'s reference),
-  each (row, head)'s state read, updated and written back in place while its output is summed. Compiled
-  from the reference, the new state went to a temporary buffer, was copied into the cache and read again.
 - ``mamba_step``: all of a Mamba layer's decode step between its two projections, one task per row: the
-  conv update, the recurrent step of every head, the gated RMS norm. Compiled, the conv and the norm were
-  loops that Inductor ran on one thread at the tiny model's sizes while the other thread waited.
+  conv update, the recurrent step of every head (each state row read, updated and written back in place
+  while its output is summed), the gated RMS norm. Compiled from the references, the new state went to a
+  temporary buffer, was copied into the cache and read again, and the conv and the norm were loops that
+  Inductor ran on one thread at the tiny model's sizes while the other thread waited.
 - ``mamba_prefill``: the same for the packed prompts of a prefill, the recurrence run token by token from a
   zero state (the chunked scan's many small products and copies, its reference, took about five times as
   long for the tiny model's prompts on 2 cores).
@@ -217,41 +216,6 @@ inline void update_head(float* rows, const float* xh, const float* Bg, const flo
     }
     out[p] = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, sum) + Dh * xh[p];
   }
-}
-
-at::Tensor selective_state_update(at::Tensor& state, const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A,
-                                  const at::Tensor& B, const at::Tensor& C, const at::Tensor& D,
-                                  const at::Tensor& dt_bias, const c10::optional<at::Tensor>& slot_idx,
-                                  double dt_min, double dt_max) {
-  const int64_t batch = x.size(0), heads = x.size(1), dim = x.size(2), groups = B.size(1), n = B.size(2);
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&state, &x, &dt, &A, &B, &C, &D, &dt_bias})
-    TORCH_CHECK(t->scalar_type() == at::kFloat, "selective_state_update: float32 only");
-  TORCH_CHECK(state.stride(3) == 1 && state.stride(2) == n && x.stride(2) == 1 && B.stride(2) == 1 &&
-              C.stride(2) == 1 && A.is_contiguous() && D.is_contiguous() && dt_bias.is_contiguous(),
-              "selective_state_update: contiguous state rows and last dims");
-  at::Tensor y = at::empty({batch, heads, dim}, x.options());
-  const int64_t* slots = slot_idx.has_value() ? slot_idx->data_ptr<int64_t>() : nullptr;
-  const float *xp = x.data_ptr<float>(), *dtp = dt.data_ptr<float>(), *ap = A.data_ptr<float>();
-  const float *bp = B.data_ptr<float>(), *cp = C.data_ptr<float>(), *dp = D.data_ptr<float>();
-  const float* biasp = dt_bias.data_ptr<float>();
-  float *sp = state.data_ptr<float>(), *yp = y.data_ptr<float>();
-  const int64_t per_group = heads / groups;
-  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / heads, h = i % heads, g = h / per_group;
-      const int64_t slot = slots ? slots[b] : b;
-      float* out = yp + b * y.stride(0) + h * y.stride(1);
-      if (slot < 0) {  // padding: zeros out, no state read or written
-        std::fill(out, out + dim, 0.f);
-        continue;
-      }
-      update_head(sp + slot * state.stride(0) + h * state.stride(1), xp + b * x.stride(0) + h * x.stride(1),
-                  bp + b * B.stride(0) + g * B.stride(1), cp + b * C.stride(0) + g * C.stride(1),
-                  discretize_dt(dtp[b * dt.stride(0) + h * dt.stride(1)] + biasp[h], dt_min, dt_max), ap[h], dp[h],
-                  dim, n, out);
-    }
-  });
-  return y;
 }
 
 // x / (1 + exp(-x))
@@ -450,8 +414,6 @@ at::Tensor mamba_prefill(const at::Tensor& projected, const at::Tensor& cu_seqle
 TORCH_LIBRARY(NAMESPACE, m) {
   m.def("decode_attention(Tensor q, Tensor(a!) keys, Tensor(b!) values, Tensor bias, float scale, Tensor? k, "
         "Tensor? v, Tensor? positions) -> Tensor");
-  m.def("selective_state_update(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor D, "
-        "Tensor dt_bias, Tensor? slot_idx, float dt_min, float dt_max) -> Tensor");
   m.def("mamba_step(Tensor projected, Tensor(a!) conv_state, Tensor conv_weight, Tensor? conv_bias, "
         "Tensor(b!) ssm_state, Tensor A, Tensor D, Tensor dt_bias, Tensor norm_weight, float eps, int group_size, "
         "float dt_min, float dt_max) -> Tensor");
@@ -461,7 +423,6 @@ TORCH_LIBRARY(NAMESPACE, m) {
 }
 TORCH_LIBRARY_IMPL(NAMESPACE, CPU, m) {
   m.impl("decode_attention", &decode_attention);
-  m.impl("selective_state_update", &selective_state_update);
   m.impl("mamba_step", &mamba_step);
   m.impl("mamba_prefill", &mamba_prefill);
 }
@@ -503,7 +464,6 @@ def build() -> bool:
             load_inline(NAMESPACE, cpp_sources=_SOURCE.replace("NAMESPACE", NAMESPACE), extra_cflags=flags,
                         extra_ldflags=["-fopenmp"], build_directory=str(directory), is_python_module=False)
             torch.library.register_fake(f"{NAMESPACE}::decode_attention")(_fake_attention)
-            torch.library.register_fake(f"{NAMESPACE}::selective_state_update")(_fake_state_update)
             torch.library.register_fake(f"{NAMESPACE}::mamba_step")(_fake_mamba_step)
             torch.library.register_fake(f"{NAMESPACE}::mamba_prefill")(_fake_mamba_prefill)
             _built = True
@@ -516,10 +476,6 @@ def build() -> bool:
 
 def _fake_attention(q: torch.Tensor, *args: Any) -> torch.Tensor:
     return q.new_empty(q.shape)
-
-
-def _fake_state_update(state: torch.Tensor, x: torch.Tensor, *args: Any) -> torch.Tensor:
-    return x.new_empty(x.shape)
 
 
 def _fake_mamba_step(projected: torch.Tensor, conv_state: torch.Tensor, conv_weight: torch.Tensor,
@@ -543,16 +499,11 @@ def fits_attention(q: torch.Tensor, keys: torch.Tensor) -> bool:
     return _cpu_float32(q, keys) and keys.stride(2) == 1 and q.shape[-1] in (8, 16, 24, 32, 64, 128)
 
 
-def fits_state_update(state: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether ``selective_state_update_cpp`` takes these tensors: built, a float32 state and input on CPU
-    (the rest must then be float32 too), the state's rows contiguous."""
-    return _cpu_float32(state, x) and state.stride(3) == 1 and state.stride(2) == state.shape[3]
-
-
 def fits_mamba_step(projected: torch.Tensor, ssm_state: torch.Tensor) -> bool:
-    """Whether ``mamba_step_cpp`` takes these tensors: built, float32 on CPU (the rest must then be float32
-    too), the state's rows contiguous."""
-    return fits_state_update(ssm_state, projected)
+    """Whether ``mamba_step_cpp`` and ``mamba_prefill_cpp`` take these tensors: built, float32 on CPU (the
+    rest must then be float32 too), the state's rows contiguous."""
+    state_rows = ssm_state.stride(3) == 1 and ssm_state.stride(2) == ssm_state.shape[3]
+    return _cpu_float32(projected, ssm_state) and state_rows
 
 
 def decode_attention_cpp(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
@@ -560,16 +511,6 @@ def decode_attention_cpp(q: torch.Tensor, keys: torch.Tensor, values: torch.Tens
                          positions: torch.Tensor | None = None) -> torch.Tensor:
     """The C++ kernel (``build()`` first); the arguments and result of ``decode_attention_ref``."""
     return getattr(torch.ops, NAMESPACE).decode_attention(q, keys, values, bias, scale, k, v, positions)
-
-
-def selective_state_update_cpp(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
-                               B: torch.Tensor, C: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, *,
-                               slot_idx: torch.Tensor | None,
-                               dt_limit: tuple[float, float] = (0.0, float("inf"))) -> torch.Tensor:
-    """The C++ kernel (``build()`` first); the arguments and result of
-    ``rollout.kernels.state_update.selective_state_update_ref``, the state updated in place."""
-    return getattr(torch.ops, NAMESPACE).selective_state_update(state, x, dt, A, B, C, D, dt_bias, slot_idx,
-                                                                *dt_limit)
 
 
 def mamba_step_cpp(projected: torch.Tensor, conv_state: torch.Tensor, conv_weight: torch.Tensor,
