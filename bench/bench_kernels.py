@@ -7,14 +7,20 @@
 (a) Decode: ``selective_state_update`` (fp32 state, bf16 x/dt/B/C) at batch 1, 2, 4, ..., 256. Median time
     over many iterations (CUDA events, after warmup, L2 flushed before each so that small batches are not
     served from cache), bytes moved (state read and write, inputs, output), achieved GB/s and % of the peak
-    HBM bandwidth, which is measured here by a large device-to-device copy, not taken from a spec sheet.
+    HBM bandwidth, which is measured here by a large device-to-device copy, not taken from a spec sheet. Beside
+    it, steps back to back in a CUDA graph, as the engine runs them, and copies of the state's bytes run the
+    same way: at small batch a launch's fixed cost bounds any kernel, and the copy shows by how much.
 (b) Prefill: ``ssd_scan`` against mamba_ssm's ``mamba_chunk_scan_combined`` at batch 4 × 8,192 tokens,
     bf16 inputs: both times and their ratio (mamba_ssm: ``MAMBA_SKIP_CUDA_BUILD=TRUE pip install
     --no-build-isolation mamba-ssm``; skipped when missing). Each call is timed alone, from an idle device,
     so the host's work before the first kernel counts; ``queued_ms`` also times calls issued back to back,
     where it hides behind the call before, as in a model's forward.
 
-Both parts also print the largest difference from the PyTorch reference (relative to its largest value), so
+(c) Decode attention: ``decode_attention`` (bf16, Nemotron-H-8B's 32 query heads on 8 KV heads of 128) at
+    batch 1, 8 and 64 over contexts of 1,024 and 8,192 tokens, every row at its last position: time and %
+    of peak bandwidth (keys and values read once), beside its PyTorch reference's time.
+
+Every part also prints the largest difference from the PyTorch reference (relative to its largest value), so
 a GPU run checks correctness too.
 """
 
@@ -44,8 +50,9 @@ if "--cpu-smoke" in sys.argv[1:]:
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from rollout.kernels import (selective_state_update_ref, selective_state_update_triton, ssd_scan_ref,  # noqa: E402
-                             ssd_scan_triton)
+from rollout.kernels import (decode_attention_ref, decode_attention_triton,  # noqa: E402
+                             selective_state_update_ref, selective_state_update_triton, ssd_scan_ref, ssd_scan_triton)
+from rollout.kernels import attention as attention_module  # noqa: E402
 from rollout.kernels import state_update  # noqa: E402
 
 MAMBA_INSTALL = "MAMBA_SKIP_CUDA_BUILD=TRUE pip install --no-build-isolation mamba-ssm"
@@ -64,6 +71,11 @@ class Setup:
     decode_batches: tuple[int, ...]
     prefill_batch: int
     prefill_len: int
+    kv_heads: int       # the decode attention's heads: KV heads, query heads, head dim
+    query_heads: int
+    attention_dim: int
+    attention_batches: tuple[int, ...]
+    contexts: tuple[int, ...]
     copy_bytes: int     # the peak-bandwidth copy
     flush_bytes: int    # written before each timed run to evict the L2 cache (50 MB on H100)
     warmup: int
@@ -72,9 +84,12 @@ class Setup:
 
 NEMOTRON_H_8B = Setup("cuda", nheads=128, headdim=64, dstate=128, ngroups=8, chunk_size=128,
                       decode_batches=tuple(2 ** i for i in range(9)), prefill_batch=4, prefill_len=8192,
-                      copy_bytes=2 ** 30, flush_bytes=2 ** 28, warmup=10, iters=100)
+                      kv_heads=8, query_heads=32, attention_dim=128, attention_batches=(1, 8, 64),
+                      contexts=(1024, 8192), copy_bytes=2 ** 30, flush_bytes=2 ** 28, warmup=10, iters=100)
 CPU_SMOKE = Setup("cpu", nheads=4, headdim=16, dstate=16, ngroups=2, chunk_size=16, decode_batches=(1, 2, 4),
-                  prefill_batch=2, prefill_len=40, copy_bytes=2 ** 22, flush_bytes=2 ** 13, warmup=1, iters=2)
+                  prefill_batch=2, prefill_len=40, kv_heads=2, query_heads=4, attention_dim=16,
+                  attention_batches=(1, 3), contexts=(20,), copy_bytes=2 ** 22, flush_bytes=2 ** 13, warmup=1,
+                  iters=2)
 
 
 def median_seconds(fn: Callable[[], object], setup: Setup) -> float:
@@ -172,13 +187,15 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> str:
 
 
 @contextlib.contextmanager
-def step_launch(launch: object) -> Iterator[None]:
-    """The decode step launched as ``launch`` (a ``StepLaunch``) inside the block."""
-    saved, state_update.STEP_LAUNCH = state_update.STEP_LAUNCH, launch
+def launched_as(module: types.ModuleType, name: str, launch: object) -> Iterator[None]:
+    """Inside the block, ``module``'s kernels launched as ``launch``: the launch dataclass its launcher reads
+    from ``module.<name>`` (``state_update.STEP_LAUNCH``, ``attention.ATTENTION_LAUNCH``)."""
+    saved = getattr(module, name)
+    setattr(module, name, launch)
     try:
         yield
     finally:
-        state_update.STEP_LAUNCH = saved
+        setattr(module, name, saved)
 
 
 def graphed_percent(calls: list[Callable[[], object]], moved: int, peak: float, setup: Setup) -> str:
@@ -192,12 +209,15 @@ def graphed_percent(calls: list[Callable[[], object]], moved: int, peak: float, 
 
 
 def decode_rows(setup: Setup, peak: float) -> list[list[str]]:
-    """One row per batch size: batch, time_us, MB, GB/s, %peak, graphed_%peak, graphed_pdl_%peak, rel_err. A
-    fresh state per batch, so the larger ones do not fit in L2; row i in slot i, as the engine runs the step
-    (its running sequences hold the first slots). graphed_%peak: steps back to back in a CUDA graph, each on
-    its own copy of the state, with enough copies (twice the L2-flush size) that none is read from L2.
-    graphed_pdl_%peak: the same as programmatic dependent launches, each step reading its state while the
-    one before finishes (``StepLaunch.pdl``; "-" below sm_90)."""
+    """One row per batch size: batch, time_us, MB, GB/s, %peak, graphed_%peak, graphed_pdl_%peak,
+    copy_graphed_%peak, rel_err. A fresh state per batch, so the larger ones do not fit in L2; row i in slot
+    i, as the engine runs the step (its running sequences hold the first slots). graphed_%peak: steps back to
+    back in a CUDA graph, each on its own copy of the state, with enough copies (twice the L2-flush size)
+    that none is read from L2. graphed_pdl_%peak: the same as programmatic dependent launches, each step
+    reading its state while the one before finishes (``StepLaunch.pdl``; "-" below sm_90).
+    copy_graphed_%peak: a device-to-device copy of each of those states into a buffer of its own, back to
+    back in a CUDA graph: what a kernel that reads and writes a state's bytes per launch reaches at that
+    size, the launches' fixed cost included."""
     h, p, n, g = setup.nheads, setup.headdim, setup.dstate, setup.ngroups
     bf16 = dict(device=setup.device, dtype=torch.bfloat16)
     params = model_params(setup)
@@ -220,18 +240,62 @@ def decode_rows(setup: Setup, peak: float) -> list[list[str]]:
         calls = [partial(step, selective_state_update_triton, s) for s in states]
         graphed, dependent = graphed_percent(calls, moved, peak, setup), "-"
         if state_update.dependent_launch_supported(state.device):
-            with step_launch(dataclasses.replace(state_update.STEP_LAUNCH, pdl=True)):
+            with launched_as(state_update, "STEP_LAUNCH", dataclasses.replace(state_update.STEP_LAUNCH, pdl=True)):
                 dependent = graphed_percent(calls, moved, peak, setup)
+        copies = [partial(torch.Tensor.copy_, torch.empty_like(s), s) for s in states]
+        copied = graphed_percent(copies, 2 * state.nbytes, peak, setup)
         rows.append([str(batch), f"{seconds * 1e6:.1f}", f"{moved / 1e6:.2f}", f"{moved / seconds / 1e9:.1f}",
-                     f"{100 * moved / seconds / peak:.1f}", graphed, dependent, f"{err:.1e}"])
+                     f"{100 * moved / seconds / peak:.1f}", graphed, dependent, copied, f"{err:.1e}"])
     return rows
 
 
 def decode(setup: Setup, peak: float) -> str:
     title = (f"decode: selective_state_update, nheads {setup.nheads}, headdim {setup.headdim}, dstate "
              f"{setup.dstate}, ngroups {setup.ngroups}, fp32 state, bf16 x/dt/B/C, row i in slot i")
-    return table(title, ["batch", "time_us", "MB", "GB/s", "%peak", "graphed_%peak", "graphed_pdl_%peak", "rel_err"],
-                 decode_rows(setup, peak))
+    return table(title, ["batch", "time_us", "MB", "GB/s", "%peak", "graphed_%peak", "graphed_pdl_%peak",
+                         "copy_graphed_%peak", "rel_err"], decode_rows(setup, peak))
+
+
+def attention_rows(setup: Setup, peak: float) -> list[list[str]]:
+    """One row per (batch, context): the decode attention over bf16 caches holding exactly the context, every
+    row at its last position, no write: batch, context, MB (keys and values, read once), time_us and %peak of
+    ``decode_attention_triton``, time_us of its reference (batched cuBLAS products and a softmax, what the
+    engine ran before the kernel), the reference's time over the kernel's, rel_err."""
+    rows = []
+    for batch, context in product(setup.attention_batches, setup.contexts):
+        bf16 = dict(device=setup.device, dtype=torch.bfloat16)
+        shape = (batch, setup.kv_heads, context, setup.attention_dim)
+        keys, values = torch.randn(shape, **bf16), torch.randn(shape, **bf16)
+        q = torch.randn(batch, setup.query_heads, setup.attention_dim, **bf16)
+        positions = torch.full((batch,), context - 1, device=setup.device)
+        ours, ref = (partial(op, q, keys, values, positions, setup.attention_dim ** -0.5)
+                     for op in (decode_attention_triton, decode_attention_ref))
+        err = rel_err(ours(), ref())
+        seconds, ref_seconds = median_seconds(ours, setup), median_seconds(ref, setup)
+        moved = keys.nbytes + values.nbytes
+        rows.append([str(batch), str(context), f"{moved / 1e6:.2f}", f"{seconds * 1e6:.1f}",
+                     f"{100 * moved / seconds / peak:.1f}", f"{ref_seconds * 1e6:.1f}", f"{ref_seconds / seconds:.2f}",
+                     f"{err:.1e}"])
+    return rows
+
+
+def attention(setup: Setup, peak: float) -> str:
+    title = (f"decode attention: {setup.query_heads} query heads on {setup.kv_heads} KV heads of "
+             f"{setup.attention_dim}, bf16; speed = the reference's time / the kernel's")
+    return table(title, ["batch", "context", "MB", "time_us", "%peak", "ref_us", "speed", "rel_err"],
+                 attention_rows(setup, peak))
+
+
+def tune_attention(setup: Setup, peak: float, launches: list) -> str:
+    """% of peak bandwidth of the decode attention per launch variant (rows) and (batch, context) (columns)."""
+    rows = []
+    for launch in launches:
+        with launched_as(attention_module, "ATTENTION_LAUNCH", launch):
+            result = attention_rows(setup, peak)
+        rows.append([differences(launch), *(r[4] for r in result), f"{max(float(r[-1]) for r in result):.1e}"])
+    columns = [f"{b}x{c}" for b, c in product(setup.attention_batches, setup.contexts)]
+    return table("decode attention: % of peak bandwidth per launch variant and batch x context "
+                 "(rel_err: the largest of the row)", ["variant", *columns, "rel_err"], rows)
 
 
 def import_skipping_package_init(package: str, module: str) -> types.ModuleType:
@@ -327,7 +391,7 @@ def tune_decode(setup: Setup, peak: float, launches: list) -> str:
     the step timed alone and back to back in a CUDA graph (``decode_rows``' %peak/graphed_%peak)."""
     rows = []
     for launch in launches:
-        with step_launch(launch):
+        with launched_as(state_update, "STEP_LAUNCH", launch):
             result = decode_rows(setup, peak)
         rows.append([differences(launch), *(f"{r[4]}/{r[5]}" for r in result),
                      f"{max(float(r[-1]) for r in result):.1e}"])
@@ -365,8 +429,9 @@ def tune_prefill(setup: Setup, launches: list) -> str:
 
 
 def tune(setup: Setup, peak: float) -> None:
-    """The decode step and the prefill scan under each launch variant. On CPU (``--cpu-smoke``) only two
-    variants of each kernel run: the interpreter is slow, and two show the code path."""
+    """The decode step, the prefill scan and the decode attention under each launch variant. On CPU
+    (``--cpu-smoke``) only two variants of each kernel run: the interpreter is slow, and two show the code
+    path."""
     Step, Scan = state_update.StepLaunch, importlib.import_module("rollout.kernels.ssd_scan").ScanLaunch
     steps = [Step(), *(Step(block_p, num_warps, pdl=True) for block_p, num_warps in    # on sm_90 and up
                        ((None, None), (8, 4), (16, 4), (16, 2), (64, 4))),
@@ -380,10 +445,14 @@ def tune(setup: Setup, peak: float) -> None:
         *(dict(passing_block=b) for b in (256, 1024, 2048)),
         *(dict(passing_warps=w) for w in (1, 2, 8)), dict(scan_block_m=128), dict(scan_block_m=32),
         dict(precompute_cb=True, scan_block_m=128), dict(precompute_cb=True, scan_block_m=32))]
+    Attention = attention_module.AttentionLaunch
+    attentions = [Attention(), *(Attention(splits=n) for n in (1, 2, 4, 8, 16, 32, 64)),
+                  *(Attention(block_n=n, num_warps=w) for n, w in ((32, 4), (32, 8), (128, 8)))]
     if setup.device != "cuda":      # grid[-1] computes C·Bᵀ in its own kernel
-        steps, scans = [steps[0], steps[-1]], [grid[0], grid[-1]]
+        steps, scans, attentions = [steps[0], steps[-1]], [grid[0], grid[-1]], [attentions[0], attentions[3]]
     print(tune_decode(setup, peak, steps), end="\n\n", flush=True)
-    print(tune_prefill(setup, scans), flush=True)
+    print(tune_prefill(setup, scans), end="\n\n", flush=True)
+    print(tune_attention(setup, peak, attentions), flush=True)
 
 
 def header(setup: Setup) -> str:
@@ -417,7 +486,8 @@ def main() -> None:
         tune(setup, peak)
         return
     failed = False
-    for part in (lambda: decode(setup, peak), lambda: prefill(setup)):   # a failing part leaves the other its run
+    # a failing part leaves the others their run
+    for part in (lambda: decode(setup, peak), lambda: prefill(setup), lambda: attention(setup, peak)):
         try:
             print(part(), end="\n\n", flush=True)
         except Exception:

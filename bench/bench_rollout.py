@@ -72,14 +72,14 @@ def matrix_products(engine: RolloutEngine, batch: int, prompt_length: int, new_t
     model, cache = engine.model, engine.cache
     x = torch.zeros(batch, model.config.hidden_size, device=engine.device, dtype=model.dtype)
     for span in range(prompt_length + 1, prompt_length + new_tokens + 1):
-        bias, positions = x.new_zeros(batch, span), torch.full((batch,), span - 1, device=engine.device)
+        positions = torch.full((batch,), span - 1, device=engine.device)
         for i, block in enumerate(model.model.layers):
             mixer = block.mixer
             if block.block_type == MAMBA:
                 mixer.out_proj(mixer.in_proj(x)[:, : mixer.intermediate_size])
             elif block.block_type == ATTENTION:
                 q, k, v = (p(x).view(batch, -1, mixer.head_dim) for p in (mixer.q_proj, mixer.k_proj, mixer.v_proj))
-                out = kernels.decode_attention(q, cache.keys[i], cache.values[i], bias, mixer.scaling, k, v, positions)
+                out = kernels.decode_attention(q, cache.keys[i], cache.values[i], positions, mixer.scaling, k, v)
                 mixer.o_proj(out.flatten(1))
             else:
                 mixer(x)

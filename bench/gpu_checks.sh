@@ -9,8 +9,9 @@
 # (a run cut short keeps what finished):
 #   tests    the CUDA tests: the decode step replayed as CUDA graphs equals the eager step, token for token,
 #            and the kernels at Nemotron-H's head shapes with bf16 activations equal their references
-#   kernels  the decode-step kernel against the HBM roofline at Nemotron-H-8B shapes, batch 1 to 256, and the
-#            prefill scan against mamba_ssm's mamba_chunk_scan_combined at batch 4 x 8,192 tokens
+#   kernels  the decode-step kernel against the HBM roofline at Nemotron-H-8B shapes, batch 1 to 256, the
+#            prefill scan against mamba_ssm's mamba_chunk_scan_combined at batch 4 x 8,192 tokens, and the
+#            decode attention against the roofline and its PyTorch reference
 #   rollout  the engine against generate(), and against itself without CUDA graphs and reading the tokens
 #            back after every decode step, on the Nemotron-H-8B layout at reduced width, bf16, batch 1, 16, 64
 #   decode   end-to-end decode of random Nemotron-Nano-9B-v2-shaped weights, batch 64 at an 8k context,

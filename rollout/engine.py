@@ -14,7 +14,7 @@ The engine holds its own copy of the weights, refreshed in memory from the train
 The Mamba math comes from ``rollout.kernels``: Triton on GPU; on CPU C++ kernels (``rollout.kernels.cpu``)
 for a Mamba layer's prefill and decode step between its projections and for the decode attention, the
 PyTorch references where those do not fit. On a GPU
-the decode step's stretches of Mamba and MLP layers replay as CUDA graphs (``rollout.graphs``); with
+each decode step, token choice included, replays as one CUDA graph (``rollout.graphs``); with
 ``compile=True`` the later steps of each run of decode steps call the first step's compiled graph directly,
 without Dynamo (``rollout.replay``).
 """
@@ -33,7 +33,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from tqdm import tqdm
 
 from rollout import kernels
-from rollout.graphs import PiecewiseDecode
+from rollout.graphs import DecodeGraphs
 from rollout.kernels.ssd_scan import _owners
 from rollout.replay import Replay
 from rollout.sampling import Draws, SamplingParams, pick
@@ -243,8 +243,8 @@ class RolloutEngine:
         hundred small ops; compiled, the elementwise ones fuse into a few loops. The first step pays the
         compile time.
 
-        ``cuda_graphs``: on a CUDA device and unless ``compile``, replay the decode step's Mamba and MLP
-        stretches as CUDA graphs (``rollout.graphs``), recorded when the cache is allocated."""
+        ``cuda_graphs``: on a CUDA device and unless ``compile``, replay each decode step, token choice
+        included, as one CUDA graph (``rollout.graphs``), recorded at the first step of each batch size."""
         model = unwrap(model)
         device = device or next(model.parameters()).device
         self.model = (unsharded_copy(model, device, dtype or next(model.parameters()).dtype) if is_sharded(model)
@@ -267,8 +267,7 @@ class RolloutEngine:
         if compile:
             self._mark_static([*self.decay.values(), *self.taps.values()])
         cuda_graphs = cuda_graphs and self.device.type == "cuda" and not compile
-        self.graphs = (PiecewiseDecode(self, [b.block_type == ATTENTION for b in self.model.model.layers])
-                       if cuda_graphs else None)
+        self.graphs = DecodeGraphs(self) if cuda_graphs else None
         # On CPU the C++ wrapper calls the compiled step's kernels from C++ instead of from Python: about 9%
         # less time per decode step of the tiny model at batches 1, 16 and 64, for a longer first compile.
         self.replay = Replay({"cpp_wrapper": self.device.type == "cpu"}) if compile else None
@@ -335,8 +334,6 @@ class RolloutEngine:
             self.cache = StateCache(self.model, self.max_batch, self.max_length)
             if self.compiled:
                 self._mark_static(self.cache.buffers())
-            if self.graphs is not None:     # before any sequence holds a slot
-                self.graphs.record()
         stops = set(params.stop_token_ids if params.stop_token_ids is not None else [self.tokenizer.eos_token_id])
         sampled = params.temperature > 0
         seqs = [_Sequence(p, Draws(params.seed * 1_000_003 + i) if sampled else None, thinking=self._opens_thinking(p))
@@ -516,16 +513,11 @@ class RolloutEngine:
         forced_ids = None if forced is None else torch.tensor(forced, device=self.device).t().contiguous()
         tokens = torch.tensor([s.tokens[-1] for s in seqs], device=self.device)
         positions = self.cache.lengths[: len(seqs)]
-        # Every step of the run reads the KV span its last step needs: step j's mask [batch, span] is then a
-        # row of one tensor made for the whole run, not a tensor made before each step.
-        span = max(len(s.prompt_ids) + len(s.tokens) for s in seqs) + steps - 1
-        bias = self._attention_bias(torch.arange(span, device=self.device),
-                                    positions + torch.arange(steps, device=self.device)[:, None])
-        bias, draws, forced_ids = (self._run_rows(t) for t in (bias, draws, forced_ids))
+        draws, forced_ids = (self._run_rows(t) for t in (draws, forced_ids))
         new_tokens, new_logprobs = [], []
         again = None    # compiled: the run's first step's graph, called directly by the later steps (rollout.replay)
         for j in range(steps):
-            inputs = (tokens, bias[j], *(None if t is None else t[j] for t in (draws, forced_ids)))
+            inputs = (tokens, *(None if t is None else t[j] for t in (draws, forced_ids)))
             if again is None:
                 tokens, logprobs = out = self._step(*inputs, positions, params)
                 again = self.replay.again(inputs, out) if self.compiled else None
@@ -549,20 +541,20 @@ class RolloutEngine:
         torch._dynamo.mark_static(t, 0)
         return t
 
-    def _decode_and_pick(self, tokens: torch.Tensor, bias: torch.Tensor, draws: torch.Tensor | None,
-                         forced: torch.Tensor | None, positions: torch.Tensor,
-                         params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decode step (replayed as CUDA graphs where recorded) and the choice of the next tokens. The
-        first four arguments are new tensors at every step of a run; ``positions`` is updated in place."""
-        step = self._decode_step if self.graphs is None else self.graphs
-        return pick(step(tokens, positions, bias), params, draws, forced)
+    def _decode_and_pick(self, tokens: torch.Tensor, draws: torch.Tensor | None, forced: torch.Tensor | None,
+                         positions: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step and the choice of the next tokens (replayed as one CUDA graph where recorded). The
+        first three arguments are new tensors at every step of a run; ``positions`` is updated in place."""
+        if self.graphs is not None:
+            return self.graphs(tokens, draws, forced, positions, params)
+        return pick(self._decode_step(tokens, positions), params, draws, forced)
 
-    def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The model on one token per sequence, reading and writing the first rows of the cache in place;
-        ``bias`` [batch, span] is the attention mask of ``_attention_bias``."""
+        row i writes its key and value at ``positions[i]`` and attends to the positions up to it."""
         hidden = self._layers(self.model.model.embeddings(tokens),
                               lambda i, mixer, x: self._mamba_step(i, mixer, x),
-                              lambda i, attn, x: self._attention_step(i, attn, x, positions, bias))
+                              lambda i, attn, x: self._attention_step(i, attn, x, positions))
         return self._logits(hidden)
 
     def _layers(self, hidden: torch.Tensor, mamba: Any, attention: Any,
@@ -638,14 +630,6 @@ class RolloutEngine:
             slot_idx=None, dt_limit=mixer.time_step_limit)
         return mixer.out_proj(gated_rms_norm(mixer.norm, y.reshape(batch, -1), gate).to(x.dtype))
 
-    def _attention_bias(self, offsets: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The decode step's attention mask as a term added to the scores, [*positions.shape, span]: 0 where
-        a row's cache holds a token (``offsets`` [span] up to its position), -inf elsewhere. Built before
-        the step, for every attention layer, it leaves each layer one add before its softmax: compiled on
-        CPU, a boolean mask was read again in each layer's fused softmax, at half its cost."""
-        bias = torch.zeros(*positions.shape, len(offsets), dtype=self.model.dtype, device=positions.device)
-        return bias.masked_fill_(offsets > positions[..., None], float("-inf"))
-
     def _attention_prefill(self, i: int, attn: Any, x: torch.Tensor, layout: Padding,
                            runs: list[tuple[int, int, int]], rows: torch.Tensor):
         """The packed prompts as rows of a batch padded at the end, longest first (``layout``; ``rows``: the
@@ -664,11 +648,9 @@ class RolloutEngine:
                 q[run], k[run], v[run], is_causal=True, scale=attn.scaling, enable_gqa=True).transpose(1, 2)
         return attn.o_proj(layout.unpad(out.flatten(2)))
 
-    def _attention_step(self, i: int, attn: Any, x: torch.Tensor, positions: torch.Tensor,
-                        bias: torch.Tensor) -> torch.Tensor:
-        """One token per sequence, row i in cache slot i, its key and value written at its position; ``bias``
-        [batch, span] is the attention mask of ``_attention_bias``."""
+    def _attention_step(self, i: int, attn: Any, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One token per sequence, row i in cache slot i, its key and value written at its position, which
+        bounds the positions it reads: no mask is made, and the step's shapes do not change with the context."""
         q, k, v = (p(x).unflatten(-1, (-1, attn.head_dim)) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-        out = kernels.decode_attention(q, self.cache.keys[i], self.cache.values[i], bias, attn.scaling, k, v,
-                                       positions)
+        out = kernels.decode_attention(q, self.cache.keys[i], self.cache.values[i], positions, attn.scaling, k, v)
         return attn.o_proj(out.flatten(1))

@@ -37,9 +37,8 @@ def test_matrix_products_are_those_of_a_decode_step(layout, tokenizer):
     engine.generate(prompts, SamplingParams(max_new_tokens=2, temperature=0))       # allocates the cache
     batch, length = 3, 9
     positions = torch.full((batch,), length)
-    bias = engine._attention_bias(torch.arange(length + 1), positions)
     with torch.no_grad():
-        step = products_of(lambda: engine._decode_step(torch.zeros(batch, dtype=torch.long), positions, bias))
+        step = products_of(lambda: engine._decode_step(torch.zeros(batch, dtype=torch.long), positions))
     floor = products_of(lambda: matrix_products(engine, batch, length, 1))
     assert floor == step
     attention = sum(n for (name, _), n in step.items() if name == f"{cpu.NAMESPACE}::decode_attention")

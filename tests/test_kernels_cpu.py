@@ -19,24 +19,20 @@ pytestmark = pytest.mark.skipif(not cpu.build(), reason="no C++ compiler builds 
 
 def attention_inputs(batch: int, kv_heads: int, group: int, head_dim: int, span: int, seed: int = 0):
     """Keys position-major in a cache of more slots and positions than read, as the engine stores them on CPU;
-    row i reads positions up to its own length (the last row all of them), and row 0 has a masked position
-    inside. Positions past a row's length hold NaN: the kernel must not read them."""
+    row i reads positions up to its own (the last row up to span - 1). Positions past a row's hold NaN: the
+    kernel must not read them."""
     g = torch.Generator().manual_seed(seed)
     slots, max_length = batch + 2, span + 5
     keys = torch.randn(slots, kv_heads, head_dim, max_length, generator=g).transpose(2, 3)
     values = torch.randn(slots, kv_heads, max_length, head_dim, generator=g)
     q = torch.randn(batch, kv_heads * group, head_dim, generator=g)
-    lengths = torch.randint(1, span + 1, (batch,), generator=g)
-    lengths[-1] = span
-    bias = torch.zeros(batch, span).masked_fill_(torch.arange(span) >= lengths[:, None], float("-inf"))
-    if span > 2 and lengths[0] > 2:
-        bias[0, 1] = float("-inf")
-    finite = keys[:batch, :, :span], values[:batch, :, :span]
+    positions = torch.randint(0, span, (batch,), generator=g)
+    positions[-1] = span - 1
     poisoned = [t.clone() for t in (keys, values)]      # clones keep the strides
-    for row, length in enumerate(lengths.tolist()):
+    for row, position in enumerate(positions.tolist()):
         for t in poisoned:
-            t[row, :, length:] = float("nan")
-    return q, finite, (poisoned[0][:batch, :, :span], poisoned[1][:batch, :, :span]), bias
+            t[row, :, position + 1:] = float("nan")
+    return q, (keys, values), tuple(poisoned), positions
 
 
 @pytest.mark.parametrize("kv_heads,group,head_dim,span", [
@@ -48,39 +44,44 @@ def attention_inputs(batch: int, kv_heads: int, group: int, head_dim: int, span:
 ])
 @pytest.mark.parametrize("write", [False, True])
 def test_decode_attention_matches_ref(kv_heads: int, group: int, head_dim: int, span: int, write: bool) -> None:
-    """With ``write``, each row's key and value at its last unmasked position come from the step's k and v,
-    written into the cache first."""
-    q, (keys, values), (poisoned_keys, poisoned_values), bias = attention_inputs(5, kv_heads, group, head_dim, span)
+    """With ``write``, each row's key and value at its position come from the step's k and v, written into the
+    cache first; the reference reads the finite cache over its whole length, the kernel the poisoned one."""
+    q, (keys, values), (poisoned_keys, poisoned_values), positions = attention_inputs(5, kv_heads, group, head_dim,
+                                                                                      span)
     assert cpu.fits_attention(q, keys)
     new = {}
     if write:
         g = torch.Generator().manual_seed(3)
-        last = span - 1 - bias.flip(1).isfinite().int().argmax(1)
-        new = dict(k=torch.randn(5, kv_heads, head_dim, generator=g), v=torch.randn(5, kv_heads, head_dim, generator=g),
-                   positions=last)
-    want = kernels.decode_attention_ref(q, keys, values, bias, head_dim ** -0.5, **new)
-    got = kernels.decode_attention_cpp(q, poisoned_keys, poisoned_values, bias, head_dim ** -0.5, **new)
+        new = dict(k=torch.randn(5, kv_heads, head_dim, generator=g), v=torch.randn(5, kv_heads, head_dim, generator=g))
+    want = kernels.decode_attention_ref(q, keys, values, positions, head_dim ** -0.5, **new)
+    got = kernels.decode_attention_cpp(q, poisoned_keys, poisoned_values, positions, head_dim ** -0.5, **new)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     if write:
         rows = torch.arange(5)
         for cache in (keys, poisoned_keys):
-            assert torch.equal(cache[rows, :, new["positions"]], new["k"])
+            assert torch.equal(cache[rows, :, positions], new["k"])
         for cache in (values, poisoned_values):
-            assert torch.equal(cache[rows, :, new["positions"]], new["v"])
+            assert torch.equal(cache[rows, :, positions], new["v"])
+
+
+def test_decode_attention_refuses_a_position_outside_the_cache() -> None:
+    q, (keys, values), _, positions = attention_inputs(3, 2, 2, 24, 11)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        kernels.decode_attention_cpp(q, keys, values, positions + keys.shape[2], 0.2)
 
 
 def test_decode_attention_dispatch() -> None:
     """The kernel where it fits (position-major float32 keys), the reference for row-major or bf16 keys."""
-    q, (keys, values), _, bias = attention_inputs(3, 2, 2, 24, 11)
+    q, (keys, values), _, positions = attention_inputs(3, 2, 2, 24, 11)
 
     def ops(*args):
         with torch.profiler.profile() as prof:
             out = kernels.decode_attention(*args, 0.2)
         return out, {e.name for e in prof.events()}
 
-    out, names = ops(q, keys, values, bias)
+    out, names = ops(q, keys, values, positions)
     assert f"{cpu.NAMESPACE}::decode_attention" in names
-    row_major, ref_names = ops(q, keys.contiguous(), values, bias)
+    row_major, ref_names = ops(q, keys.contiguous(), values, positions)
     assert f"{cpu.NAMESPACE}::decode_attention" not in ref_names and "aten::bmm" in ref_names
     torch.testing.assert_close(out, row_major, rtol=1e-5, atol=1e-5)
     assert not cpu.fits_attention(q.bfloat16(), keys.bfloat16())

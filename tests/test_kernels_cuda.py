@@ -15,8 +15,9 @@ import torch
 from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHRMSNorm, NemotronHRMSNormGated
 
 from rollout.kernels import state_update
-from rollout.kernels import (causal_conv1d_ref, causal_conv1d_triton, gated_rms_norm_triton, rms_norm_triton,
-                             selective_state_update_ref, selective_state_update_triton, ssd_scan_ref, ssd_scan_triton)
+from rollout.kernels import (causal_conv1d_ref, causal_conv1d_triton, decode_attention_ref, decode_attention_triton,
+                             gated_rms_norm_triton, rms_norm_triton, selective_state_update_ref,
+                             selective_state_update_triton, ssd_scan_ref, ssd_scan_triton)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU; the interpreter cases of "
                                 "test_kernels_triton.py are the CPU twins")
@@ -67,6 +68,23 @@ def test_state_update() -> None:
     want_y = selective_state_update_ref(want, *args, slot_idx=slots, dt_limit=LIMIT)
     assert rel_err(y, want_y) < 1e-2 and rel_err(got, want) < 1e-2
     assert torch.equal(got[[4, 6, 8, 10]], state[[4, 6, 8, 10]]) and not y[3].any()
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+def test_decode_attention(batch: int) -> None:
+    """Nemotron-H-8B's attention heads (32 query heads on 8 KV heads of 128), bf16, a cache of 4,096 positions:
+    at batch 1 the rows split into many parts, at 64 into few. Rows at the first position, inside a block, on
+    a block's edge and at the last position; the caches written in place equal the reference's."""
+    g = torch.Generator(device="cuda").manual_seed(2)
+    kv_heads, length = 8, 4096
+    keys, values = bf16(g, batch + 2, kv_heads, length, 128), bf16(g, batch + 2, kv_heads, length, 128)
+    q, k, v = bf16(g, batch, 32, 128), bf16(g, batch, kv_heads, 128), bf16(g, batch, kv_heads, 128)
+    positions = torch.randint(0, length, (batch,), generator=g, device="cuda")
+    positions[: min(batch, 4)] = torch.tensor([0, 37, 63, length - 1], device="cuda")[:batch]
+    got, want = [t.clone() for t in (keys, values)], [t.clone() for t in (keys, values)]
+    out = decode_attention_triton(q, *got, positions, 128 ** -0.5, k, v)
+    assert rel_err(out, decode_attention_ref(q, *want, positions, 128 ** -0.5, k, v)) < 1e-2
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 @pytest.mark.parametrize("graphed", [False, True], ids=["eager", "cuda-graph"])

@@ -33,11 +33,13 @@ from bench.common import bench_tokenizer, chat_prompts
 from model.factory import build_model
 from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHRMSNorm, NemotronHRMSNormGated
 from rollout import kernels
-from rollout.kernels import (causal_conv1d_ref, causal_conv1d_triton, causal_conv1d_update_ref, gated_rms_norm_ref,
-                             gated_rms_norm_triton, rms_norm_ref, rms_norm_triton,
-                             causal_conv1d_update_triton, selective_state_update_ref, selective_state_update_triton,
-                             ssd_scan_ref, ssd_scan_triton)
+from rollout.kernels import (causal_conv1d_ref, causal_conv1d_triton, causal_conv1d_update_ref,
+                             causal_conv1d_update_triton, decode_attention_ref, decode_attention_triton,
+                             gated_rms_norm_ref, gated_rms_norm_triton, rms_norm_ref, rms_norm_triton,
+                             selective_state_update_ref, selective_state_update_triton, ssd_scan_ref, ssd_scan_triton)
 from rollout.engine import RolloutEngine
+from rollout.kernels.attention import (ATTENTION_LAUNCH, AttentionLaunch, _decode_attention_kernel, _merge_kernel,
+                                       _write_kv_kernel)
 from rollout.kernels.conv1d import _conv1d_kernel, _conv1d_update_kernel
 from rollout.kernels.rms_norm import _rms_norm_kernel
 from rollout.kernels.ssd_scan import (LAUNCH, ScanLaunch, _chunk_cb_kernel, _chunk_cumsum_kernel, _chunk_scan_kernel,
@@ -177,12 +179,36 @@ def check_engine() -> None:
     prompts = [p[-n:] for p, n in zip(chat_prompts(tokenizer, 3), (30, 9, 17))]
     params = SamplingParams(max_new_tokens=6, temperature=0, stop_token_ids=())
     want = RolloutEngine(model, tokenizer, max_batch=2, max_length=64).generate(prompts, params)
-    ops = ("ssd_scan", "selective_state_update", "causal_conv1d", "causal_conv1d_update")
+    ops = ("ssd_scan", "selective_state_update", "causal_conv1d", "causal_conv1d_update", "decode_attention")
     with mock.patch.multiple(kernels, **{op: getattr(kernels, f"{op}_triton") for op in ops}):
         got = RolloutEngine(model, tokenizer, max_batch=2, max_length=64).generate(prompts, params)
     for a, b in zip(want, got):
         assert a.token_ids == b.token_ids
         torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs), atol=1e-4, rtol=0)
+
+
+def check_decode_attention(*, kv_heads: int = 2, group: int = 2, head_dim: int = 24, splits: int = 1,
+                           dtype: torch.dtype = F32, write: bool = True, position_major: bool = False) -> None:
+    """The output and both caches, for rows at the first position, inside the first block, on a block edge and at
+    the cache's last position; ``splits`` parts per row over blocks of 16 positions (some parts empty), merged.
+    ``position_major``: keys as the engine stores them on CPU (a transposed view of [slots, kv, dim, length])."""
+    g = torch.Generator().manual_seed(head_dim + splits)
+    batch, slots, length = 4, 6, 70
+    if position_major:
+        keys = randn(g, slots, kv_heads, head_dim, length, dtype=dtype).transpose(2, 3)
+    else:
+        keys = randn(g, slots, kv_heads, length, head_dim, dtype=dtype)
+    values = randn(g, slots, kv_heads, length, head_dim, dtype=dtype)
+    q = layout(randn(g, batch, kv_heads * group, head_dim, dtype=dtype), strided=True)
+    positions = torch.tensor([0, 9, 31, length - 1])
+    new = dict(k=randn(g, batch, kv_heads, head_dim, dtype=dtype), v=randn(g, batch, kv_heads, head_dim, dtype=dtype))
+    new = new if write else {}
+    got, want = [t.clone() for t in (keys, values)], [t.clone() for t in (keys, values)]
+    attention = importlib.import_module("rollout.kernels.attention")
+    with mock.patch.object(attention, "ATTENTION_LAUNCH", AttentionLaunch(splits=splits, block_n=16)):
+        out = decode_attention_triton(q, *got, positions, head_dim ** -0.5, **new)
+    assert_close(out, decode_attention_ref(q, *want, positions, head_dim ** -0.5, **new))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def check_chunk_table(lengths: tuple[int, ...], chunk: int) -> None:
@@ -273,6 +299,13 @@ CASES: dict[str, Callable[[], None]] = {
     "conv1d_update/rows-are-slots": partial(check_conv1d_update, slots=None),
     "conv1d_update/tap-major": partial(check_conv1d_update, tap_major=True),
     "conv1d_update/tap-major-rows-are-slots": partial(check_conv1d_update, slots=None, tap_major=True),
+    "decode_attention/tiny": partial(check_decode_attention),
+    "decode_attention/four-parts-position-major": partial(check_decode_attention, splits=4, position_major=True),
+    # Nemotron Nano 2's group of 5 query heads, head dim 128, no write; bf16 in eight parts
+    "decode_attention/group5-headdim128-no-write": partial(check_decode_attention, kv_heads=1, group=5, head_dim=128,
+                                                           splits=2, write=False),
+    "decode_attention/bf16-eight-parts": partial(check_decode_attention, kv_heads=2, group=4, head_dim=64, splits=8,
+                                                 dtype=BF16),
     "engine/tiny-greedy": check_engine,
 }
 
@@ -288,11 +321,11 @@ def compile_sm90(kernel: Callable, io_ptrs: tuple[str, ...], constexprs: dict,
     def arg_type(name: str) -> str:
         if name in constexprs:
             return "constexpr"
-        if name.startswith(("chunk_", "cu_", "slot_")):
+        if name.startswith(("chunk_", "cu_", "slot_", "pos_")):
             return "*i64"
         if name.endswith("_ptr"):
             return "*bf16" if name in io_ptrs else "*fp32"
-        return "fp32" if name in ("dt_min", "dt_max", "eps") else "i32"
+        return "fp32" if name in ("dt_min", "dt_max", "eps", "scale") else "i32"
 
     signature = {name: arg_type(name) for name in kernel.arg_names}
     src = ASTSource(kernel, signature, {(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
@@ -372,9 +405,19 @@ SM90: dict[str, Callable[[], object]] = {
                              dict(GATED=False, BLOCK=8192), dict(num_warps=8)),
     "sm90/gated_rms_norm": partial(compile_sm90, _rms_norm_kernel, (*ACTIVATIONS, "gate_ptr", "weight_ptr"),
                                    dict(GATED=True, BLOCK=2048), dict(num_warps=4)),
+    # the decode attention at Nemotron-H-8B's head dim and group of 4, in one part and in parts, and their merge
+    **{f"sm90/decode_attention-{splits}-parts": partial(
+        compile_sm90, _decode_attention_kernel, ("q_ptr", "keys_ptr", "values_ptr", "out_ptr"),
+        dict(SPLITS=splits, BLOCK_G=16, BLOCK_N=ATTENTION_LAUNCH.block_n, BLOCK_D=128,
+             DOT_DTYPE=triton.language.bfloat16, DOT_PRECISION="tf32"), dict(num_warps=ATTENTION_LAUNCH.num_warps))
+       for splits in (1, 8)},
+    "sm90/attention_merge": partial(compile_sm90, _merge_kernel, ("out_ptr",), dict(SPLITS=8, BLOCK_D=128)),
+    "sm90/write_kv": partial(compile_sm90, _write_kv_kernel, ("k_ptr", "v_ptr", "keys_ptr", "values_ptr"),
+                             dict(BLOCK_D=128)),
     # the GPU path's launch: bf16 dot operands at the default warps, and the decode step at state size 128
     "sm90/no-spills": partial(check_no_spills, ("sm90/chunk_state-bf16", "sm90/chunk_scan-bf16-precomputed-cb-False",
-                                                "sm90/state_update", "sm90/rms_norm", "sm90/gated_rms_norm")),
+                                                "sm90/state_update", "sm90/rms_norm", "sm90/gated_rms_norm",
+                                                "sm90/decode_attention-1-parts", "sm90/decode_attention-8-parts")),
 }
 
 
@@ -456,10 +499,14 @@ def test_bench_cpu_smoke_prints_the_tables() -> None:
     assert lines[0].startswith("# rollout kernels | device: CPU") and lines[1].startswith("peak bandwidth")
     first = next(i for i, line in enumerate(lines) if line.split()[:2] == ["batch", "time_us"]) + 1
     decode = [line.split() for line in lines[first:first + 3]]
-    assert [row[0] for row in decode] == ["1", "2", "4"] and all(len(row) == 8 for row in decode)
-    assert all(row[6] == "-" for row in decode)    # no dependent launch below sm_90
+    assert [row[0] for row in decode] == ["1", "2", "4"] and all(len(row) == 9 for row in decode)
+    assert all(row[6] == "-" and float(row[7]) > 0 for row in decode)   # no dependent launch below sm_90
     prefill = next(line.split() for line in lines if line.startswith("ssd_scan "))
-    assert all(float(row[-1]) < 1e-2 for row in [*decode, prefill])     # rel_err: one bf16 rounding at most
+    first = next(i for i, line in enumerate(lines) if line.split()[:2] == ["batch", "context"]) + 1
+    attention = [line.split() for line in lines[first:first + 2]]
+    assert [row[:2] for row in attention] == [["1", "20"], ["3", "20"]] and all(len(row) == 8 for row in attention)
+    # rel_err: one bf16 rounding at most
+    assert all(float(row[-1]) < 1e-2 for row in [*decode, prefill, *attention])
     assert any(line.startswith("mamba_ssm") and "skipped" in line for line in lines)
 
 
@@ -478,9 +525,11 @@ def test_bench_tune_times_correct_variants() -> None:
 
     decode = rows(["variant", "1", "2", "4", "rel_err"])
     prefill = rows(["variant", "time_ms", "speed", "cumsum", "state", "passing", "cb", "scan", "rel_err"])
+    attention = rows(["variant", "1x20", "3x20", "rel_err"])
     assert [row[0] for row in decode] == ["default", "block_p=64,num_warps=4"]
     assert "precompute_cb=True" in prefill[1][0] and all(len(row) == 9 for row in prefill)
-    assert all(float(row[-1]) < 1e-2 for row in [*decode, *prefill])
+    assert [row[0] for row in attention] == ["default", "splits=4"]
+    assert all(float(row[-1]) < 1e-2 for row in [*decode, *prefill, *attention])
 
 
 def test_baseline_loads_without_the_package_init_a_skip_build_install_breaks(tmp_path, monkeypatch) -> None:

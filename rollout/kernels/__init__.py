@@ -3,16 +3,15 @@
 Every op has three names with one signature:
 
 - ``<op>`` (``ssd_scan``, ``selective_state_update``, ``causal_conv1d``, ``causal_conv1d_update``,
-  ``rms_norm``, ``gated_rms_norm``): what the engine calls; it runs ``<op>_triton`` when the first tensor
-  argument is on CUDA and ``<op>_ref`` otherwise.
+  ``rms_norm``, ``gated_rms_norm``, ``decode_attention``): what the engine calls; it runs ``<op>_triton``
+  when the first tensor argument is on CUDA and ``<op>_ref`` otherwise.
 - ``<op>_triton``: the Triton kernels (CPU tensors too, under ``TRITON_INTERPRET=1``, which the tests use).
 - ``<op>_ref``: the PyTorch reference, the executable spec the kernels are tested against.
 
 Triton is a declared dependency (it ships with every CUDA build of torch), so the device alone decides.
 
 On CPU, ``decode_attention`` has a C++ kernel (``decode_attention_cpp``, in ``rollout.kernels.cpu``,
-compiled by ``build_cpu_kernels``), taken where it fits the tensors (float32), the reference otherwise; it
-has no Triton kernel: on a GPU its reference's batched products are what the engine runs.
+compiled by ``build_cpu_kernels``), taken where it fits the tensors (float32), the reference otherwise.
 ``mamba_step_cpp`` and ``mamba_prefill_cpp`` fuse what a Mamba layer does between its two projections
 (conv, recurrence, gated norm) into one CPU kernel for a decode step and one for a prefill, where
 ``fits_mamba_step``; elsewhere the engine calls the three ops in turn (``mamba_step_ref`` and
@@ -26,12 +25,14 @@ from __future__ import annotations
 
 from typing import Any, Callable, TypeVar
 
+from rollout.kernels.attention import decode_attention as decode_attention_triton
+from rollout.kernels.attention import decode_attention_ref
 from rollout.kernels.conv1d import causal_conv1d as causal_conv1d_triton
 from rollout.kernels.conv1d import causal_conv1d_ref, causal_conv1d_update_ref
 from rollout.kernels.conv1d import causal_conv1d_update as causal_conv1d_update_triton
 from rollout.kernels.cpu import build as build_cpu_kernels
-from rollout.kernels.cpu import (decode_attention_cpp, decode_attention_ref, fits_attention, fits_mamba_step,
-                                 mamba_prefill_cpp, mamba_prefill_ref, mamba_step_cpp, mamba_step_ref)
+from rollout.kernels.cpu import (decode_attention_cpp, fits_attention, fits_mamba_step, mamba_prefill_cpp,
+                                 mamba_prefill_ref, mamba_step_cpp, mamba_step_ref)
 from rollout.kernels.rms_norm import gated_rms_norm as gated_rms_norm_triton
 from rollout.kernels.rms_norm import gated_rms_norm_ref, rms_norm_ref
 from rollout.kernels.rms_norm import rms_norm as rms_norm_triton
@@ -66,11 +67,11 @@ causal_conv1d = _dispatch(causal_conv1d_ref, causal_conv1d_triton)
 causal_conv1d_update = _dispatch(causal_conv1d_update_ref, causal_conv1d_update_triton)
 rms_norm = _dispatch(rms_norm_ref, rms_norm_triton)
 gated_rms_norm = _dispatch(gated_rms_norm_ref, gated_rms_norm_triton)
-decode_attention = _dispatch(decode_attention_ref, cpp=decode_attention_cpp, fits=fits_attention)
+decode_attention = _dispatch(decode_attention_ref, decode_attention_triton, decode_attention_cpp, fits_attention)
 
 
 __all__ = [
-    "build_cpu_kernels", "decode_attention", "decode_attention_cpp", "decode_attention_ref",
+    "build_cpu_kernels", "decode_attention", "decode_attention_cpp", "decode_attention_ref", "decode_attention_triton",
     "causal_conv1d", "causal_conv1d_ref", "causal_conv1d_triton",
     "causal_conv1d_update", "causal_conv1d_update_ref", "causal_conv1d_update_triton",
     "fits_mamba_step", "gated_rms_norm", "gated_rms_norm_ref", "gated_rms_norm_triton",

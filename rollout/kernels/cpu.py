@@ -15,7 +15,7 @@ it reads.
   the keys with positions contiguous (``keys.stride(2) == 1``: on CPU the engine stores them
   ``[slots, kv_heads, head_dim, max_length]`` and passes a transposed view), so that each score is a
   vector multiply-add over positions; the values with dims contiguous, so that each position adds a
-  vector to the output. A row reads positions only up to its last unmasked one.
+  vector to the output. Row b reads positions [0, positions[b]] only.
 - ``mamba_step``: all of a Mamba layer's decode step between its two projections, one task per row: the
   conv update, the recurrent step of every head (each state row read, updated and written back in place
   while its output is summed), the gated RMS norm. Compiled from the references, the new state went to a
@@ -69,8 +69,8 @@ constexpr int64_t W = Vec::size();  // 8 floats: AVX2, or the scalar fallback of
 // stride ksd between dims), their softmax, then the sum of the values weighted by it. s holds G rows of
 // n + W scores.
 template <int G, int C>
-void one_head(const float* q, const float* K, int64_t ksd, const float* V, int64_t vst, const float* bias,
-              int64_t n, float scale, float* s, float* out, const float* next_K, const float* next_V) {
+void one_head(const float* q, const float* K, int64_t ksd, const float* V, int64_t vst, int64_t n, float scale,
+              float* s, float* out, const float* next_K, const float* next_V) {
   const int64_t row = n + W;
   for (int64_t t = 0; t < n; t += W) {
     const int64_t m = std::min(W, n - t);
@@ -81,8 +81,7 @@ void one_head(const float* q, const float* K, int64_t ksd, const float* V, int64
       const Vec k = m == W ? Vec::loadu(K + d * ksd + t) : Vec::loadu(K + d * ksd + t, m);
       for (int g = 0; g < G; ++g) acc[g] = at::vec::fmadd(Vec(q[g * C * W + d]), k, acc[g]);
     }
-    const Vec b = m == W ? Vec::loadu(bias + t) : Vec::loadu(bias + t, m);
-    for (int g = 0; g < G; ++g) at::vec::fmadd(acc[g], Vec(scale), b).store(s + g * row + t, m);
+    for (int g = 0; g < G; ++g) (acc[g] * Vec(scale)).store(s + g * row + t, m);
   }
   float inverse[G];
   for (int g = 0; g < G; ++g) {
@@ -112,8 +111,8 @@ void one_head(const float* q, const float* K, int64_t ksd, const float* V, int64
     for (int c = 0; c < C; ++c) (acc[g][c] * Vec(inverse[g])).store(out + (g * C + c) * W);
 }
 
-using HeadFn = void (*)(const float*, const float*, int64_t, const float*, int64_t, const float*, int64_t, float,
-                        float*, float*, const float*, const float*);
+using HeadFn = void (*)(const float*, const float*, int64_t, const float*, int64_t, int64_t, float, float*, float*,
+                        const float*, const float*);
 
 template <int G>
 HeadFn with_dims(int64_t C) {
@@ -140,50 +139,47 @@ HeadFn head_fn(int64_t G, int64_t C) {
 
 constexpr int64_t MAX_GROUP = 4;  // more query heads per KV head run in groups of at most 4
 
-at::Tensor decode_attention(const at::Tensor& q, at::Tensor& keys, at::Tensor& values, const at::Tensor& bias,
-                            double scale, const c10::optional<at::Tensor>& k, const c10::optional<at::Tensor>& v,
-                            const c10::optional<at::Tensor>& positions) {
+at::Tensor decode_attention(const at::Tensor& q, at::Tensor& keys, at::Tensor& values, const at::Tensor& positions,
+                            double scale, const c10::optional<at::Tensor>& k, const c10::optional<at::Tensor>& v) {
   const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2), kv_heads = keys.size(1);
-  const int64_t span = bias.size(1), group = heads / kv_heads;
+  const int64_t group = heads / kv_heads;
   const bool write = k.has_value();
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &keys, &values, &bias})
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &keys, &values})
     TORCH_CHECK(t->scalar_type() == at::kFloat, "decode_attention: float32 only");
-  TORCH_CHECK(keys.stride(2) == 1 && values.stride(3) == 1 && bias.stride(1) == 1 && dim % W == 0 &&
-              keys.size(0) >= batch && keys.size(2) >= span && values.size(0) >= batch && values.size(2) >= span,
-              "decode_attention: keys need contiguous positions, values and bias contiguous last dims");
-  TORCH_CHECK(!write || (v.has_value() && positions.has_value() && k->scalar_type() == at::kFloat &&
-                         v->scalar_type() == at::kFloat && positions->scalar_type() == at::kLong),
-              "decode_attention: k, v (float32) and positions (int64) together");
-  const at::Tensor query = q.contiguous();
+  TORCH_CHECK(keys.stride(2) == 1 && values.stride(3) == 1 && dim % W == 0 && keys.size(0) >= batch &&
+              values.size(0) >= batch, "decode_attention: keys need contiguous positions, values contiguous dims");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.numel() == batch,
+              "decode_attention: one int64 position per row");
+  TORCH_CHECK(!write || (v.has_value() && k->scalar_type() == at::kFloat && v->scalar_type() == at::kFloat),
+              "decode_attention: k and v (float32) together");
+  const at::Tensor query = q.contiguous(), at_pos = positions.contiguous();
   const at::Tensor new_k = write ? k->contiguous() : at::Tensor(), new_v = write ? v->contiguous() : at::Tensor();
-  const at::Tensor at_pos = write ? positions->contiguous() : at::Tensor();
+  const int64_t* pos = at_pos.data_ptr<int64_t>();
+  const int64_t span = batch ? *std::max_element(pos, pos + batch) + 1 : 0;
+  TORCH_CHECK(span <= keys.size(2) && span <= values.size(2) && (!batch || *std::min_element(pos, pos + batch) >= 0),
+              "decode_attention: a position outside the cache");
   at::Tensor out = at::empty({batch, heads, dim}, q.options());
   const float* qp = query.data_ptr<float>();
   float* kp = keys.data_ptr<float>();
   float* vp = values.data_ptr<float>();
-  const float* bp = bias.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> s(MAX_GROUP * (span + W));
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / kv_heads, h = i % kv_heads;
       if (write) {  // this step's key and value, at the row's position
-        const int64_t at = at_pos.data_ptr<int64_t>()[b];
         const float *nk = new_k.data_ptr<float>() + i * dim, *nv = new_v.data_ptr<float>() + i * dim;
-        float* K = kp + b * keys.stride(0) + h * keys.stride(1) + at;
-        float* V = vp + b * values.stride(0) + h * values.stride(1) + at * values.stride(2);
+        float* K = kp + b * keys.stride(0) + h * keys.stride(1) + pos[b];
+        float* V = vp + b * values.stride(0) + h * values.stride(1) + pos[b] * values.stride(2);
         for (int64_t d = 0; d < dim; ++d) K[d * keys.stride(3)] = nk[d];
         std::copy(nv, nv + dim, V);
       }
-      const float* row_bias = bp + b * bias.stride(0);
-      int64_t n = span;  // positions past the last unmasked one are not read
-      while (n > 0 && std::isinf(row_bias[n - 1]) && row_bias[n - 1] < 0) --n;
       for (int64_t g0 = 0; g0 < group; g0 += MAX_GROUP) {
         const int64_t g = std::min(MAX_GROUP, group - g0);
         const int64_t first = (b * heads + h * group + g0) * dim;
         const int64_t j = std::min(i + 1, end - 1), nb = j / kv_heads, nh = j % kv_heads;
         head_fn(g, dim / W)(qp + first, kp + b * keys.stride(0) + h * keys.stride(1), keys.stride(3),
-                            vp + b * values.stride(0) + h * values.stride(1), values.stride(2), row_bias, n,
+                            vp + b * values.stride(0) + h * values.stride(1), values.stride(2), pos[b] + 1,
                             static_cast<float>(scale), s.data(), op + first,
                             kp + nb * keys.stride(0) + nh * keys.stride(1),
                             vp + nb * values.stride(0) + nh * values.stride(1));
@@ -412,8 +408,8 @@ at::Tensor mamba_prefill(const at::Tensor& projected, const at::Tensor& cu_seqle
 }
 
 TORCH_LIBRARY(NAMESPACE, m) {
-  m.def("decode_attention(Tensor q, Tensor(a!) keys, Tensor(b!) values, Tensor bias, float scale, Tensor? k, "
-        "Tensor? v, Tensor? positions) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor(a!) keys, Tensor(b!) values, Tensor positions, float scale, Tensor? k, "
+        "Tensor? v) -> Tensor");
   m.def("mamba_step(Tensor projected, Tensor(a!) conv_state, Tensor conv_weight, Tensor? conv_bias, "
         "Tensor(b!) ssm_state, Tensor A, Tensor D, Tensor dt_bias, Tensor norm_weight, float eps, int group_size, "
         "float dt_min, float dt_max) -> Tensor");
@@ -506,11 +502,10 @@ def fits_mamba_step(projected: torch.Tensor, ssm_state: torch.Tensor) -> bool:
     return _cpu_float32(projected, ssm_state) and state_rows
 
 
-def decode_attention_cpp(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
-                         scale: float, k: torch.Tensor | None = None, v: torch.Tensor | None = None,
-                         positions: torch.Tensor | None = None) -> torch.Tensor:
+def decode_attention_cpp(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                         scale: float, k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> torch.Tensor:
     """The C++ kernel (``build()`` first); the arguments and result of ``decode_attention_ref``."""
-    return getattr(torch.ops, NAMESPACE).decode_attention(q, keys, values, bias, scale, k, v, positions)
+    return getattr(torch.ops, NAMESPACE).decode_attention(q, keys, values, positions, scale, k, v)
 
 
 def mamba_step_cpp(projected: torch.Tensor, conv_state: torch.Tensor, conv_weight: torch.Tensor,
@@ -584,27 +579,3 @@ def mamba_step_ref(projected: torch.Tensor, conv_state: torch.Tensor, conv_weigh
     y = selective_state_update_ref(ssm_state, x.reshape(batch, heads, head_dim), dt, A, B.reshape(batch, -1, n),
                                    C.reshape(batch, -1, n), D, dt_bias, slot_idx=None, dt_limit=dt_limit)
     return gated_rms_norm_ref(y.reshape(batch, inner), gate, norm_weight, eps=eps, group_size=group_size)
-
-
-def decode_attention_ref(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
-                         scale: float, k: torch.Tensor | None = None, v: torch.Tensor | None = None,
-                         positions: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention of one query token per sequence over its cached keys and values, the step's own written first.
-
-    q: [batch, heads, head_dim], query head j reading KV head j // (heads // kv_heads); keys, values: the
-    cache, [slots, kv_heads, length, head_dim] (any strides), of which rows [:batch] and positions [:span]
-    are read; bias: [batch, span], added to the scaled scores (0 where a position is read, -inf where it is
-    masked); k, v: [batch, kv_heads, head_dim] or None, written into the cache in place at ``positions``
-    [batch] (int64) of rows [:batch]. Returns [batch, heads, head_dim].
-    """
-    batch, span = bias.shape
-    if k is not None:       # through the whole cache: a compiled step writes into it in place
-        rows = torch.arange(batch, device=q.device)
-        keys[rows, :, positions] = k
-        values[rows, :, positions] = v
-    keys, values = keys[:batch, :, :span], values[:batch, :, :span]
-    kv_heads = keys.shape[1]
-    grouped = q.reshape(batch, kv_heads, -1, q.shape[-1])
-    scores = (grouped @ keys.transpose(-1, -2)) * scale
-    probs = (scores + bias[:, None, None]).softmax(-1)
-    return (probs @ values).reshape(q.shape)
