@@ -273,6 +273,7 @@ class RolloutEngine:
         self.replay = Replay({"cpp_wrapper": self.device.type == "cpu"}) if compile else None
         self._step = (torch.compile(self._decode_and_pick, dynamic=True, backend=self.replay) if compile
                       else self._decode_and_pick)
+        self._replays: dict[tuple[int, bool, bool], Any] = {}     # see _decode
 
     def _weight_terms(self) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
         """Terms of each Mamba layer's weights, computed once per weight version instead of per step:
@@ -334,6 +335,7 @@ class RolloutEngine:
             self.cache = StateCache(self.model, self.max_batch, self.max_length)
             if self.compiled:
                 self._mark_static(self.cache.buffers())
+        self._replays.clear()   # a graph bakes in the sampling settings, which may differ from the last call's
         stops = set(params.stop_token_ids if params.stop_token_ids is not None else [self.tokenizer.eos_token_id])
         sampled = params.temperature > 0
         seqs = [_Sequence(p, Draws(params.seed * 1_000_003 + i) if sampled else None, thinking=self._opens_thinking(p))
@@ -515,12 +517,17 @@ class RolloutEngine:
         positions = self.cache.lengths[: len(seqs)]
         draws, forced_ids = (self._run_rows(t) for t in (draws, forced_ids))
         new_tokens, new_logprobs = [], []
-        again = None    # compiled: the run's first step's graph, called directly by the later steps (rollout.replay)
+        # Compiled: the graph an earlier step of this generate() ran on a batch of this size, called directly
+        # (rollout.replay); only the first step of each batch size goes through Dynamo.
+        shape = (len(seqs), draws is None, forced_ids is None)
+        again = self._replays.get(shape)
         for j in range(steps):
             inputs = (tokens, *(None if t is None else t[j] for t in (draws, forced_ids)))
             if again is None:
                 tokens, logprobs = out = self._step(*inputs, positions, params)
                 again = self.replay.again(inputs, out) if self.compiled else None
+                if again is not None:
+                    self._replays[shape] = again
             else:
                 tokens, logprobs = again(*inputs)
             positions += 1

@@ -3,11 +3,11 @@
 Every call of a ``torch.compile``d function first runs Dynamo: a cache lookup, the guards, and bytecode
 that fetches each of the graph's inputs (the tiny model's step takes 66 tensors: weights, cache buffers,
 tokens) before the compiled graph runs. On a 2-core CPU that is 120-220 us per decode step, a tenth of a
-step at batch 64 and more than a third at batch 1. Within a run of decode steps only the tokens and the
-step's rows of the attention masks and sampling draws change; the weights and the cache are the same
-tensors, updated in place. So the run's first step goes through ``torch.compile`` (guards checked, the
-graph chosen or compiled) and the later steps call that graph directly with the new tensors swapped into
-its arguments: on CPU, what replaying a CUDA graph is on a GPU.
+step at batch 64 and more than a third at batch 1. From step to step of one ``generate()`` call, at one
+batch size, only the tokens and the step's rows of the sampling draws change; the weights, the cache and
+the sampling settings are the same, the tensors updated in place. So the first step at each batch size goes
+through ``torch.compile`` (guards checked, the graph chosen or compiled) and the later ones call that graph
+directly with the new tensors swapped into its arguments: on CPU, what replaying a CUDA graph is on a GPU.
 """
 
 from __future__ import annotations

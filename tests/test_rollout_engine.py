@@ -195,20 +195,31 @@ def test_runs_of_decode_steps_change_no_token(tiny_model, tokenizer, prompts):
 
 
 def test_compiled_runs_of_steps_equal_eager_ones(tiny_model, tokenizer, prompts):
-    """The compiled step goes through Dynamo on the first step of each run only, and the later steps replay
-    its graph (``rollout.replay``): through sampled draws, forced ``</think>`` tokens, stops and a shrinking
-    batch, its runs write what the eager step writes."""
+    """The compiled step goes through Dynamo on the first step of each batch size (with or without forced
+    tokens) of a generate() call only, and the later steps replay its graph (``rollout.replay``): through
+    sampled draws, forced ``</think>`` tokens, stops and a shrinking batch, its runs write what the eager
+    step writes. A second call goes through Dynamo again: it may sample otherwise."""
     think = tokenizer.encode("<|im_start|>assistant\n<think>", add_special_tokens=False)
     batch = [think, *prompts, think]
     params = SamplingParams(max_new_tokens=24, temperature=1.0, seed=2, thinking_budget=9)
     eager, engine = (RolloutEngine(tiny_model, tokenizer, max_batch=3, max_length=128, steps_per_sync=7,
                                    compile=compile) for compile in (False, True))
-    calls = []
+    calls, shapes = [], set()
     step, decode = engine._step, engine._decode
+
+    def run(seqs, params):
+        calls.append("run")
+        shapes.add((len(seqs), any(s.to_force for s in seqs)))
+        return decode(seqs, params)
+
     engine._step = lambda *args: calls.append("step") or step(*args)
-    engine._decode = lambda *args: calls.append("run") or decode(*args)
+    engine._decode = run
     eager, compiled = eager.generate(batch, params), engine.generate(batch, params)
-    assert calls.count("run") >= 4 and calls.count("step") == calls.count("run")
+    assert calls.count("run") > len(shapes) and calls.count("step") == len(shapes)
+    assert any((n, True) in shapes and (n, False) in shapes for n, _ in shapes)
+    calls.clear()
+    engine.generate(batch[:1], params)
+    assert calls.count("step") >= 1
     assert any(any(o.forced) for o in compiled)
     for a, b in zip(eager, compiled):
         assert (a.token_ids, a.forced, a.finish_reason) == (b.token_ids, b.forced, b.finish_reason)
