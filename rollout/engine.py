@@ -15,8 +15,8 @@ The Mamba math comes from ``rollout.kernels``: Triton on GPU; on CPU C++ kernels
 for a Mamba layer's prefill and decode step between its projections and for the decode attention, the
 PyTorch references where those do not fit. On a GPU
 each decode step, token choice included, replays as one CUDA graph (``rollout.graphs``); with
-``compile=True`` the later steps of each run of decode steps call the first step's compiled graph directly,
-without Dynamo (``rollout.replay``).
+``compile=True`` the steps of a ``generate()`` call after the first at each batch size call that step's
+compiled graph directly, without Dynamo (``rollout.replay``).
 """
 
 from __future__ import annotations

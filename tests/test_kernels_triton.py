@@ -39,7 +39,7 @@ from rollout.kernels import (causal_conv1d_ref, causal_conv1d_triton, causal_con
                              selective_state_update_ref, selective_state_update_triton, ssd_scan_ref, ssd_scan_triton)
 from rollout.engine import RolloutEngine
 from rollout.kernels.attention import (ATTENTION_LAUNCH, AttentionLaunch, _decode_attention_kernel, _merge_kernel,
-                                       _write_kv_kernel)
+                                       _write_kv_kernel, split_count)
 from rollout.kernels.conv1d import _conv1d_kernel, _conv1d_update_kernel
 from rollout.kernels.rms_norm import _rms_norm_kernel
 from rollout.kernels.ssd_scan import (LAUNCH, ScanLaunch, _chunk_cb_kernel, _chunk_cumsum_kernel, _chunk_scan_kernel,
@@ -478,6 +478,16 @@ def test_decode_step_under_a_dependent_launch_reads_its_state_first() -> None:
     left to the slow test."""
     outcome = run_in_subprocess(["sm90/state_update-dependent-launch"], interpret=False)
     assert outcome["sm90/state_update-dependent-launch"] is None, outcome["sm90/state_update-dependent-launch"]
+
+
+def test_attention_splits_fill_the_gpu_at_small_batch_only() -> None:
+    """132 multiprocessors (an H100): 8 KV heads at batch 1 take the most parts, at batch 64 one; a short
+    cache has no more parts than blocks."""
+    assert split_count(8, 4096, 132, 64) == 64
+    assert split_count(8 * 4, 4096, 132, 64) == 16
+    assert split_count(8 * 64, 4096, 132, 64) == 1
+    assert split_count(8, 150, 132, 64) == 2     # 3 blocks of 64 positions: the power of two below, 2 parts
+    assert split_count(8, 64, 132, 64) == 1
 
 
 def test_dispatch_runs_the_reference_on_cpu() -> None:

@@ -161,12 +161,12 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def split_count(batch: int, kv_heads: int, max_length: int, device: torch.device, block_n: int) -> int:
-    """Parts per (row, KV head): a power of two, fixed by the shapes alone (a CUDA graph replays one launch)."""
-    if device.type != "cuda":
-        return 1
-    want = triton.cdiv(2 * _multiprocessors(device), batch * kv_heads)
-    return max(1, min(triton.next_power_of_2(want), 64, 1 << (triton.cdiv(max_length, block_n).bit_length() - 1)))
+def split_count(heads: int, max_length: int, multiprocessors: int, block_n: int) -> int:
+    """Parts per (row, KV head), for ``heads`` (row, KV head) pairs: a power of two, fixed by the shapes alone
+    (a CUDA graph replays one launch). Enough for two programs per multiprocessor, at most 64, and no more
+    than the cache's blocks of ``block_n`` positions."""
+    want = triton.next_power_of_2(triton.cdiv(2 * multiprocessors, heads))
+    return max(1, min(want, 64, 1 << (triton.cdiv(max_length, block_n).bit_length() - 1)))
 
 
 def _decode_attention_fwd(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
@@ -176,7 +176,8 @@ def _decode_attention_fwd(q: torch.Tensor, keys: torch.Tensor, values: torch.Ten
     kv_heads, max_length = keys.shape[1], keys.shape[2]
     group = heads // kv_heads
     launch = ATTENTION_LAUNCH
-    splits = launch.splits or split_count(batch, kv_heads, max_length, q.device, launch.block_n)
+    splits = launch.splits or (split_count(batch * kv_heads, max_length, _multiprocessors(q.device), launch.block_n)
+                               if q.is_cuda else 1)
     block_d = max(16, triton.next_power_of_2(head_dim))     # tl.dot's smallest operand is 16 wide
     part = stats = out  # placeholders when there is one part
     if splits > 1:
