@@ -273,7 +273,7 @@ class RolloutEngine:
         self.replay = Replay({"cpp_wrapper": self.device.type == "cpu"}) if compile else None
         self._step = (torch.compile(self._decode_and_pick, dynamic=True, backend=self.replay) if compile
                       else self._decode_and_pick)
-        self._replays: dict[tuple[int, bool, bool], Any] = {}     # see _decode
+        self._replays: dict[tuple[int, bool], Any] = {}     # see _decode
 
     def _weight_terms(self) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
         """Terms of each Mamba layer's weights, computed once per weight version instead of per step:
@@ -517,9 +517,10 @@ class RolloutEngine:
         positions = self.cache.lengths[: len(seqs)]
         draws, forced_ids = (self._run_rows(t) for t in (draws, forced_ids))
         new_tokens, new_logprobs = [], []
-        # Compiled: the graph an earlier step of this generate() ran on a batch of this size, called directly
-        # (rollout.replay); only the first step of each batch size goes through Dynamo.
-        shape = (len(seqs), draws is None, forced_ids is None)
+        # Compiled: the graph an earlier step of this generate() ran on a batch of this size, with or without
+        # forced tokens, called directly (rollout.replay); only the first such step goes through Dynamo. (Whether
+        # there are draws is fixed by the call's sampling settings.)
+        shape = (len(seqs), forced_ids is None)
         again = self._replays.get(shape)
         for j in range(steps):
             inputs = (tokens, *(None if t is None else t[j] for t in (draws, forced_ids)))
@@ -644,7 +645,7 @@ class RolloutEngine:
         that of the prompt alone. Each run of rows of ``length_runs`` is one call, over its own longest."""
         q, k, v = (layout.pad(p(x)).unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)
                    for p in (attn.q_proj, attn.k_proj, attn.v_proj))                  # [prompts, heads, longest, d]
-        # Past its prompt a slot holds padding; decoding masks it and writes over it.
+        # Past its prompt a slot holds padding; decoding reads only up to each row's position and writes over it.
         self.cache.keys[i][rows, :, : k.shape[2]] = k
         self.cache.values[i][rows, :, : v.shape[2]] = v
         prompts, heads, longest, head_dim = q.shape

@@ -90,8 +90,8 @@ class DecodeGraphs:
 
         if not self.capture:
             return tuple(t[:n] for t in run(*inputs))
-        # The sampling settings a graph bakes in, and which inputs it reads.
-        key = (size, params.temperature, params.top_k, params.top_p, draws is None, forced is None)
+        # The sampling settings a graph bakes in (temperature 0: no draws), and whether it reads forced tokens.
+        key = (size, params.temperature, params.top_k, params.top_p, forced is None)
         graph = self.graphs.get(key)
         if graph is not None:
             return tuple(t[:n].clone() for t in graph(inputs))

@@ -279,8 +279,8 @@ def test_compiled_step_compiles_once_for_one_row_and_once_for_more(tokenizer, pr
     those two graphs, greedy or sampled. A size that Dynamo's duck sizing ties to another would compile
     again: the first run's 3 steps and batch of 3 against the conv state's width - 1, also 3, if the conv
     buffer behind its view were left dynamic; its 3 steps against its batch of 3, and a later run of one
-    step, if the step count reached the guards through the views each step takes of its run's attention
-    masks or sampling draws."""
+    step, if the step count reached the guards through the views each step takes of its run's sampling
+    draws."""
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
